@@ -1,0 +1,72 @@
+"""When monitors measure: logging steps, sampling steps, histogram steps.
+
+Steps are Lightning's own logging steps (``_batches_that_stepped``, the x-axis of every
+``self.log`` curve), so our charts line up with the user's ``train_loss``, advance once per
+optimizer step under gradient accumulation, once per batch under manual optimization, and
+continue where they stopped after a checkpoint resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+
+
+def check_interval(name: str, value: int | None, allow_none: bool = True) -> int | None:
+    """Validate a ``*_every_n_steps`` argument; raises ``ValueError`` naming it."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        valid = "a positive integer or None" if allow_none else "a positive integer"
+        raise ValueError(f"`{name}` must be {valid}, got {value!r}.")
+    return value
+
+
+def logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning logs the current training batch at."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def steps_optimizer(trainer: pl.Trainer) -> bool:
+    """Whether the current training batch ends a gradient-accumulation cycle."""
+    return not trainer.fit_loop.epoch_loop._should_accumulate()
+
+
+@dataclass
+class Cadence:
+    """Resolved intervals: ``log`` for writing, ``sample`` for forward/gradient sampling.
+
+    Example:
+        >>> c = Cadence(log=50, sample=5)
+        >>> [s for s in range(60) if c.is_sample_step(s)][:3], c.is_log_step(49)
+        ([4, 9, 14], True)
+    """
+
+    log: int
+    sample: int
+    histogram: int | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        trainer: pl.Trainer,
+        log_every_n_steps: int | None,
+        sample_every_n_steps: int | None,
+        histogram_every_n_steps: int | None = None,
+    ) -> Cadence:
+        log = log_every_n_steps or max(1, int(trainer.log_every_n_steps or 1))
+        # Default: ten samples per logging window, so dead-unit windows see several batches while
+        # nine batches in ten run with no hook at all.
+        sample = sample_every_n_steps or max(1, log // 10)
+        return cls(log=log, sample=min(sample, log), histogram=histogram_every_n_steps)
+
+    def is_log_step(self, step: int) -> bool:
+        return (step + 1) % self.log == 0
+
+    def is_sample_step(self, step: int) -> bool:
+        # the logging step is always sampled, so what is logged includes the latest batch
+        return (step + 1) % self.sample == 0 or self.is_log_step(step) or self.is_histogram_step(step)
+
+    def is_histogram_step(self, step: int) -> bool:
+        return self.histogram is not None and (step + 1) % self.histogram == 0

@@ -1,0 +1,165 @@
+"""How far one optimizer step moves the weights of each watched module."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_watch.cadence import logging_step
+from lightning_watch.monitors._base import WatchMonitor, strategy_shards_parameters
+from lightning_watch.monitors._params import ParameterTable
+from lightning_watch.selection import owns_parameters
+from lightning_watch.snapshot import Snapshot
+from lightning_watch.stats import StatBlock
+
+
+class ParameterDeltaMonitor(WatchMonitor):
+    """Logs ‖ΔW‖, ‖ΔW‖/‖W‖ and ‖W‖ per watched module: "are my weights changing at all?".
+
+    On a logging step the trainable parameters of the watched modules are copied right before
+    the first optimizer step of the batch (``on_before_optimizer_step``, after backward, when
+    activations are already freed) and compared with their values at the end of the batch. The
+    copy lives for that one step only: on logging steps peak memory grows by the size of the
+    watched trainable parameters; on other steps nothing is kept. With several optimizers (manual
+    optimization) the delta covers every step taken in that batch. A parameter that requires a
+    gradient but is in no optimizer shows ``update_norm == 0``: the "stalled" signature.
+
+    ``update_ratio`` near 1e-3 is the folk-healthy range for SGD-like training; orders of
+    magnitude above means the learning rate is too high for that layer, far below means the layer
+    barely learns.
+
+    Args:
+        **kwargs: selection and cadence arguments of :class:`~lightning_watch.monitors.WatchMonitor`.
+            Default selection: every module that registers parameters itself.
+
+    Logged Metrics:
+        - ``watch/update_norm/<module>``: ‖W_after − W_before‖ over the module's own trainable parameters.
+        - ``watch/update_ratio/<module>``: ``update_norm / param_norm`` (before the step).
+        - ``watch/param_norm/<module>``: ‖W‖ before the step.
+        - ``watch/global/update_ratio``: the same ratio over all watched trainable parameters.
+        - ``watch/global/optimizer_steps``: optimizer steps taken in the logging batch (0 means
+          no ``optimizer.step()`` ran: the deltas are 0 because nothing stepped).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[ParameterDeltaMonitor()], logger=False)
+    """
+
+    METRICS = ("update_norm", "update_ratio", "param_norm")
+    GLOBAL_METRICS = ("update_ratio", "optimizer_steps")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._table: ParameterTable | None = None
+        self._clear()
+
+    def _default_module(self, module: nn.Module) -> bool:
+        return owns_parameters(module)
+
+    def _on_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._table = ParameterTable(self._modules)
+
+    def _on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sharded = strategy_shards_parameters(trainer)
+        self._clear()
+
+    def _on_teardown(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
+        self._before: list[Tensor] | None = None
+        self._entries: list[tuple[int, str, nn.Parameter]] = []
+        self._steps = 0
+        self._result: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _reset(self) -> None:
+        self._clear()
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        step = logging_step(trainer)
+        if not self._cadence.is_log_step(step) or self._table is None:
+            return
+        self._steps += 1
+        if self._before is None:
+            self._entries = self._table.trainable()
+            params = [p.detach() for _, _, p in self._entries]
+            # one fused copy of all watched trainable parameters, freed at the end of the batch
+            self._before = torch._foreach_mul(params, 1.0) if params else []
+
+    def _on_step_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        if not self._cadence.is_log_step(step) or self._table is None:
+            return
+        if self._before is None:  # no optimizer step ran in this batch
+            self._entries = self._table.trainable()
+            self._before = [p.detach() for _, _, p in self._entries]
+        after = [p.detach() for _, _, p in self._entries]
+        m = self._table.num_modules
+        if not after:
+            zeros = torch.zeros(m + 1, device=self._device)
+            self._result = (zeros, zeros, zeros)
+        else:
+            deltas = torch._foreach_sub(after, self._before)
+            delta_norms = torch._foreach_norm(deltas, 2, dtype=torch.float32)
+            before_norms = torch._foreach_norm(self._before, 2, dtype=torch.float32)
+            params = [p for _, _, p in self._entries]
+            update_sq = self._table.per_module_squares(params, delta_norms, self._device)
+            param_sq = self._table.per_module_squares(params, before_norms, self._device)
+            index = self._table.group_index(params, self._device)
+            count = torch.zeros(m + 1, device=self._device).index_add_(
+                0, index, torch.ones(len(params), device=self._device)
+            )
+            self._result = (update_sq, param_sq, count)
+        self._before = None  # release the copy
+
+    def _collect(self, trainer: pl.Trainer) -> StatBlock:
+        block = StatBlock()
+        m = self._table.num_modules if self._table is not None else 0
+        zeros = torch.zeros(m + 1, device=self._device)
+        update_sq, param_sq, count = self._result if self._result is not None else (zeros, zeros, zeros)
+        add = block.add_sum if self._sharded else block.add_max
+        add(self._key("update_sq"), update_sq[:m])
+        add(self._key("param_sq"), param_sq[:m])
+        block.add_max(self._key("count"), count[:m])
+        block.add_max(self._key("steps"), zeros[0] + self._steps)
+        block.add_max(self._key("measured"), zeros[0] + (self._result is not None))
+        return block
+
+    def _finalize(self, values: dict[str, Any], snapshot: Snapshot) -> None:
+        if not values[self._key("measured")]:
+            return
+        total_update = total_param = 0.0
+        rows = zip(
+            self._table.module_names,
+            values[self._key("update_sq")],
+            values[self._key("param_sq")],
+            values[self._key("count")],
+        )
+        for name, update_sq, param_sq, count in rows:
+            if not count:
+                continue  # frozen module: nothing to move
+            update, param = math.sqrt(update_sq), math.sqrt(param_sq)
+            snapshot.put("update_norm", update, name)
+            snapshot.put("param_norm", param, name)
+            snapshot.put("update_ratio", _ratio(update, param), name)
+            total_update += update_sq
+            total_param += param_sq
+        snapshot.put("update_ratio", _ratio(math.sqrt(total_update), math.sqrt(total_param)))
+        snapshot.put("optimizer_steps", values[self._key("steps")])
+
+    def _histograms(self) -> dict[str, Tensor]:
+        if self._table is None:
+            return {}
+        return {f"watch_hist/weight/{name}": p.detach() for _, name, p in self._table.trainable()}
+
+
+def _ratio(update: float, param: float) -> float:
+    if param == 0.0:
+        return math.inf if update > 0 else 0.0
+    return update / param

@@ -1,0 +1,161 @@
+"""Which modules a monitor watches: defaults, globs over qualified names, and types.
+
+A selection is resolved once per ``fit`` against the LightningModule, in the module's
+registration order, so that "first layer" and "last layer" keep their meaning for rules that
+compare early and late layers (vanishing gradients).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+#: Element-wise activations. A module of one of these types is watched by default even though
+#: it owns no parameters, because its output is where dead and saturated units show.
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Threshold,
+)
+
+
+def owns_parameters(module: nn.Module) -> bool:
+    """True when ``module`` registers parameters itself (not only through children)."""
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _as_list(value: str | Iterable[str] | None, arg: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    items = list(value)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"`{arg}` must be a glob string or a list of them, got {item!r} in {value!r}.")
+    return items
+
+
+def resolve_type(spec: type | str) -> type[nn.Module]:
+    """Turn ``nn.Linear``, ``"Linear"`` or ``"torch.nn.Linear"`` into a module class.
+
+    Strings make selections writable in LightningCLI YAML.
+
+    Raises:
+        ValueError: if the name does not resolve to a subclass of ``torch.nn.Module``.
+    """
+    if isinstance(spec, type):
+        cls = spec
+    elif isinstance(spec, str) and spec:
+        if "." in spec:
+            module_name, _, attr = spec.rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError):
+                raise ValueError(
+                    f"`types` entry {spec!r} could not be imported; "
+                    "use a class or a dotted path such as 'torch.nn.Linear'."
+                ) from None
+        else:
+            cls = getattr(nn, spec, None)
+            if cls is None:
+                raise ValueError(
+                    f"`types` entry {spec!r} is not a class in torch.nn; "
+                    "use a class or a dotted path such as 'mypkg.layers.MyBlock'."
+                )
+    else:
+        raise ValueError(f"`types` entries must be module classes or their names, got {spec!r}.")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"`types` entry {spec!r} must be a subclass of torch.nn.Module, got {cls!r}.")
+    return cls
+
+
+@dataclass(frozen=True)
+class ModuleSelection:
+    """Declarative choice of modules; resolved against a model with :meth:`resolve`.
+
+    Args:
+        include: glob(s) over qualified module names (``"encoder.*"``, ``"*.fc?"``). ``None`` means
+            the monitor's default set.
+        exclude: glob(s) removed from whatever ``include``/``types``/the default selected.
+        types: module classes (or their names) to select; combined with ``include`` by union.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> sel = ModuleSelection(include="0")
+        >>> [name for name, _ in sel.resolve(model, default=owns_parameters)]
+        ['0']
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    types: tuple[type[nn.Module], ...] = ()
+
+    @classmethod
+    def from_args(
+        cls,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        types: Sequence[type | str] | None = None,
+    ) -> ModuleSelection:
+        """Validate user arguments (at construction time) and build a selection."""
+        if types is not None and (isinstance(types, (str, type))):
+            types = [types]
+        return cls(
+            include=tuple(_as_list(include, "include")),
+            exclude=tuple(_as_list(exclude, "exclude")),
+            types=tuple(resolve_type(t) for t in (types or ())),
+        )
+
+    def resolve(self, model: nn.Module, default) -> list[tuple[str, nn.Module]]:
+        """Return ``(qualified_name, module)`` pairs in registration order.
+
+        Args:
+            model: the root module (the LightningModule).
+            default: predicate ``module -> bool`` used when neither ``include`` nor ``types`` is given.
+
+        Raises:
+            ValueError: if an ``include`` pattern matches no module, naming the pattern and some
+                available names.
+        """
+        named = [(name, module) for name, module in model.named_modules() if name]
+        if self.include or self.types:
+            for pattern in self.include:
+                if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in named):
+                    sample = ", ".join(repr(name) for name, _ in named[:12])
+                    more = " …" if len(named) > 12 else ""
+                    raise ValueError(
+                        f"`include` pattern {pattern!r} matches no module of {type(model).__name__}. "
+                        f"Available names: {sample}{more}"
+                    )
+            chosen = [
+                (name, module)
+                for name, module in named
+                if any(fnmatch.fnmatchcase(name, p) for p in self.include) or isinstance(module, self.types)
+            ]
+        else:
+            chosen = [(name, module) for name, module in named if default(module)]
+        return [
+            (name, module) for name, module in chosen if not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+        ]

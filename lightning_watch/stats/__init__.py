@@ -1,0 +1,22 @@
+"""Pure statistics: device kernels and their cross-process reduction. No Lightning imports."""
+
+from lightning_watch.stats.kernels import (
+    MOMENT_FIELDS,
+    accumulator_dtype,
+    alive_units,
+    grad_rows_alive,
+    group_norms,
+    moments,
+)
+from lightning_watch.stats.reduce import StatBlock, read_blocks
+
+__all__ = [
+    "MOMENT_FIELDS",
+    "StatBlock",
+    "accumulator_dtype",
+    "alive_units",
+    "grad_rows_alive",
+    "group_norms",
+    "moments",
+    "read_blocks",
+]

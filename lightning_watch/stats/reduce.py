@@ -1,0 +1,85 @@
+"""Reading accumulators back: one cross-process collective and one host transfer per read.
+
+Every monitor hands its device accumulators over as a :class:`StatBlock` whose entries say how
+they combine across processes (``sum`` or ``max``). :func:`read_blocks` packs all blocks into a
+single vector, gathers it across ranks once, reduces each entry by its declared operation, and
+copies the result to the host once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class StatBlock:
+    """Named device tensors with declared cross-process reductions.
+
+    Example:
+        >>> block = StatBlock()
+        >>> block.add_sum("count", torch.tensor([2.0, 3.0]))
+        >>> block.add_max("peak", torch.tensor(7.0))
+        >>> read_blocks([block])["count"]
+        [2.0, 3.0]
+    """
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    maxes: dict[str, Tensor] = field(default_factory=dict)
+
+    def add_sum(self, name: str, tensor: Tensor) -> None:
+        self.sums[name] = tensor
+
+    def add_max(self, name: str, tensor: Tensor) -> None:
+        self.maxes[name] = tensor
+
+    def __bool__(self) -> bool:
+        return bool(self.sums or self.maxes)
+
+
+Gather = Callable[[Tensor], Tensor]
+"""``tensor (L,) -> tensor (world_size, L)``, e.g. ``trainer.strategy.all_gather``."""
+
+
+def read_blocks(blocks: Sequence[StatBlock], gather: Gather | None = None) -> dict[str, float | list[float]]:
+    """Reduce ``blocks`` across processes and return plain Python values.
+
+    0-d tensors come back as floats, others as flat lists. Names must be unique over all blocks.
+    This is the one place where statistics cross from device to host (a sync point, by design,
+    on logging steps only).
+    """
+    entries: list[tuple[str, Tensor, bool]] = []  # (name, tensor, is_max)
+    for block in blocks:
+        entries.extend((name, t, False) for name, t in block.sums.items())
+        entries.extend((name, t, True) for name, t in block.maxes.items())
+    if not entries:
+        return {}
+    names = [name for name, _, _ in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"statistic names must be unique across blocks, got {names!r}")
+    device = entries[0][1].device
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    flat = [t.detach().reshape(-1).to(device=device, dtype=dtype) for _, t, _ in entries]
+    sizes = [f.numel() for f in flat]
+    packed = torch.cat(flat)
+    if gather is not None:
+        gathered = gather(packed)
+        if gathered.dim() == 2 and gathered.shape[0] > 1:
+            is_max = torch.cat(
+                [torch.full((n,), m, dtype=torch.bool, device=device) for n, (_, _, m) in zip(sizes, entries)]
+            )
+            gathered = gathered.to(device)
+            packed = torch.where(is_max, gathered.amax(0), gathered.sum(0))
+        elif gathered.dim() == 2:
+            packed = gathered[0]
+    values = packed.tolist()  # the host transfer: a sync point, on logging steps only
+    out: dict[str, float | list[float]] = {}
+    start = 0
+    for (name, tensor, _), size in zip(entries, sizes):
+        chunk = values[start : start + size]
+        out[name] = chunk[0] if tensor.dim() == 0 else chunk
+        start += size
+    return out

@@ -1,0 +1,69 @@
+"""Writing to loggers: scalars to every logger, layouts/histograms/text to TensorBoard.
+
+Everything here runs on rank zero only and receives host values that were already read, so no
+writer ever touches a device tensor's value (Lightning's loggers call ``.item()`` per tensor).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from lightning_watch.snapshot import TAG_PREFIX, Snapshot
+
+#: Layout category under which TensorBoard's "Custom Scalars" tab groups our charts.
+LAYOUT_CATEGORY = "lightning_watch"
+
+# One merged layout per TensorBoard writer: each monitor adds its metrics, and the whole layout
+# is rewritten, since TensorBoard keeps one layout per run.
+_layouts: weakref.WeakKeyDictionary[object, dict[str, list]] = weakref.WeakKeyDictionary()
+
+
+def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def log_scalars(trainer: pl.Trainer, snapshot: Snapshot) -> None:
+    """Send every scalar of ``snapshot`` to every attached logger, at Lightning's step."""
+    if not trainer.is_global_zero or not trainer.loggers:
+        return
+    scalars = snapshot.scalars()
+    if not scalars:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(scalars, step=snapshot.step)
+
+
+def add_layout(trainer: pl.Trainer, metrics: Iterable[str], global_metrics: Iterable[str] = ()) -> None:
+    """Add one multi-line chart per metric (one line per module) to TensorBoard's custom scalars."""
+    if not trainer.is_global_zero:
+        return
+    for logger in tensorboard_loggers(trainer):
+        writer = logger.experiment
+        charts = _layouts.setdefault(writer, {})
+        for metric in metrics:
+            charts[metric] = ["Multiline", [rf"^{TAG_PREFIX}/{metric}/"]]
+        for metric in global_metrics:
+            charts[f"global/{metric}"] = ["Multiline", [rf"^{TAG_PREFIX}/global/{metric}$"]]
+        writer.add_custom_scalars({LAYOUT_CATEGORY: dict(charts)})
+
+
+def add_histograms(trainer: pl.Trainer, tensors: Mapping[str, Tensor], step: int) -> None:
+    """Write ``tag -> tensor`` histograms (the tensor moves to the CPU here: histogram steps only)."""
+    if not trainer.is_global_zero or not tensors:
+        return
+    for logger in tensorboard_loggers(trainer):
+        for tag, tensor in tensors.items():
+            logger.experiment.add_histogram(tag, tensor.detach().float().cpu(), global_step=step)
+
+
+def add_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> None:
+    """Write Markdown ``text`` under ``tag`` to TensorBoard's Text tab."""
+    if not trainer.is_global_zero:
+        return
+    for logger in tensorboard_loggers(trainer):
+        logger.experiment.add_text(tag, text, global_step=step)

@@ -1,0 +1,161 @@
+"""``Watch``: the four monitors in one callback, sharing one set of hooks and one read per step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch.optim import Optimizer
+
+from lightning_watch.cadence import logging_step, steps_optimizer
+from lightning_watch.monitors import (
+    ActivationScaleMonitor,
+    DeadUnitMonitor,
+    GradientNormMonitor,
+    ParameterDeltaMonitor,
+    WatchMonitor,
+)
+from lightning_watch.monitors._base import SnapshotListener, publish
+from lightning_watch.snapshot import Snapshot
+from lightning_watch.tensorboard import add_histograms, add_layout
+
+_FAMILIES = {
+    "gradients": GradientNormMonitor,
+    "deltas": ParameterDeltaMonitor,
+    "activations": ActivationScaleMonitor,
+    "dead_units": DeadUnitMonitor,
+}
+
+
+class Watch(Callback):
+    """All four monitors in one callback: the recommended entry point.
+
+    The monitors share the capture engine (one forward hook per module, one pass over each
+    output), the cadence, and one read per logging step (one collective under DDP, one
+    device-to-host transfer), so ``Watch()`` costs less than the four monitors side by side.
+
+    Args:
+        gradients: ``True``/``False`` or a configured :class:`GradientNormMonitor`.
+        deltas: ``True``/``False`` or a configured :class:`ParameterDeltaMonitor`.
+        activations: ``True``/``False`` or a configured :class:`ActivationScaleMonitor`.
+        dead_units: ``True``/``False`` or a configured :class:`DeadUnitMonitor`.
+        include, exclude, types: module selection passed to every monitor built here (each
+            monitor's default selection applies when all three are ``None``).
+        log_every_n_steps, sample_every_n_steps, histogram_every_n_steps: cadence passed to
+            every monitor built here (``None``: the Trainer's ``log_every_n_steps``, ten samples
+            per window, no histograms).
+
+    Raises:
+        ValueError: if a family argument is neither a bool nor a monitor of that family, or if
+            every family is switched off.
+
+    Logged Metrics:
+        The union of the four monitors' metrics (see each class): ``watch/grad_norm/<module>``,
+        ``watch/update_ratio/<module>``, ``watch/act_rms/<module>``, ``watch/dead_frac/<module>``, …
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[Watch()], logger=False)
+        >>> trainer = Trainer(callbacks=[Watch(dead_units=False, log_every_n_steps=10)], logger=False)
+    """
+
+    def __init__(
+        self,
+        gradients: bool | GradientNormMonitor = True,
+        deltas: bool | ParameterDeltaMonitor = True,
+        activations: bool | ActivationScaleMonitor = True,
+        dead_units: bool | DeadUnitMonitor = True,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        types: Sequence[type | str] | None = None,
+        log_every_n_steps: int | None = None,
+        sample_every_n_steps: int | None = None,
+        histogram_every_n_steps: int | None = None,
+    ) -> None:
+        shared = {
+            "include": include,
+            "exclude": exclude,
+            "types": types,
+            "log_every_n_steps": log_every_n_steps,
+            "sample_every_n_steps": sample_every_n_steps,
+            "histogram_every_n_steps": histogram_every_n_steps,
+        }
+        self.monitors: list[WatchMonitor] = []
+        for arg, (family, cls) in zip((gradients, deltas, activations, dead_units), _FAMILIES.items()):
+            if isinstance(arg, cls):
+                monitor = arg
+            elif isinstance(arg, bool):
+                monitor = cls(**shared) if arg else None
+            else:
+                raise ValueError(f"`{family}` must be True, False or a {cls.__name__}, got {arg!r}.")
+            if monitor is not None:
+                monitor._managed = True
+                self.monitors.append(monitor)
+        if not self.monitors:
+            raise ValueError("`Watch` needs at least one monitor; every family was switched off.")
+        self._listeners: list[SnapshotListener] = []
+        self.last_snapshot: Snapshot | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitors=[m.state_key for m in self.monitors])
+
+    def add_listener(self, listener: SnapshotListener) -> None:
+        """Call ``listener(trainer, pl_module, snapshot)`` after each publication."""
+        self._listeners.append(listener)
+
+    def monitor(self, cls: type[WatchMonitor]) -> WatchMonitor | None:
+        """The bundled monitor of class ``cls``, if enabled."""
+        return next((m for m in self.monitors if isinstance(m, cls)), None)
+
+    # ------------------------------------------------------------------ delegation
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for monitor in self.monitors:
+            monitor.setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for monitor in self.monitors:
+            monitor.on_fit_start(trainer, pl_module)
+        metrics = [m for monitor in self.monitors for m in monitor.METRICS]
+        global_metrics = [m for monitor in self.monitors for m in monitor.GLOBAL_METRICS]
+        add_layout(trainer, metrics, global_metrics)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for monitor in self.monitors:
+            monitor.teardown(trainer, pl_module, stage)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        for monitor in self.monitors:
+            monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        for monitor in self.monitors:
+            monitor.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        for monitor in self.monitors:
+            monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not steps_optimizer(trainer):
+            return
+        step = logging_step(trainer)
+        cadence = self.monitors[0]._cadence
+        if cadence.is_histogram_step(step):
+            add_histograms(trainer, {k: v for m in self.monitors for k, v in m._histograms().items()}, step)
+        if cadence.is_log_step(step):
+            self.last_snapshot = publish(trainer, pl_module, self.monitors, self._listeners)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {type(m).__name__: m.state_dict() for m in self.monitors}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for monitor in self.monitors:
+            if type(monitor).__name__ in state_dict:
+                monitor.load_state_dict(state_dict[type(monitor).__name__])
