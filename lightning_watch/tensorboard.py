@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
 from lightning_watch.snapshot import TAG_PREFIX, Snapshot
@@ -35,7 +36,17 @@ def log_scalars(trainer: pl.Trainer, snapshot: Snapshot) -> None:
     if not scalars:
         return
     for logger in trainer.loggers:
-        logger.log_metrics(scalars, step=snapshot.step)
+        if isinstance(logger, TensorBoardLogger):
+            _write_summary(logger, scalars, snapshot.step)
+        else:
+            logger.log_metrics(scalars, step=snapshot.step)
+
+
+def _write_summary(logger: TensorBoardLogger, scalars: Mapping[str, float], step: int) -> None:
+    # One event holding every value: `add_scalar` per tag writes one event per value, which made
+    # TensorBoard writing the largest cost of a logging step with many layers.
+    summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()])
+    logger.experiment._get_file_writer().add_summary(summary, step)
 
 
 def add_layout(trainer: pl.Trainer, metrics: Iterable[str], global_metrics: Iterable[str] = ()) -> None:

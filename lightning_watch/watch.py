@@ -44,7 +44,7 @@ class Watch(Callback):
         include, exclude, types: module selection passed to every monitor built here (each
             monitor's default selection applies when all three are ``None``).
         log_every_n_steps, sample_every_n_steps, histogram_every_n_steps: cadence passed to
-            every monitor built here (``None``: the Trainer's ``log_every_n_steps``, ten samples
+            every monitor built here (``None``: the Trainer's ``log_every_n_steps``, five samples
             per window, no histograms).
 
     Raises:
@@ -100,7 +100,11 @@ class Watch(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitors=[m.state_key for m in self.monitors])
+        # Lightning reads `state_key` around every hook call (profiler names): build it once.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._state_key = self._generate_state_key(monitors=[m.state_key for m in self.monitors])
+        return key
 
     def add_listener(self, listener: SnapshotListener) -> None:
         """Call ``listener(trainer, pl_module, snapshot)`` after each publication."""

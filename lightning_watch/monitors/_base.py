@@ -69,7 +69,7 @@ class WatchMonitor(Callback):
         log_every_n_steps: write interval in Lightning steps; ``None`` follows the Trainer's
             ``log_every_n_steps``.
         sample_every_n_steps: interval of the steps whose activations and gradients are
-            measured for windowed statistics; ``None`` means ten samples per logging window.
+            measured for windowed statistics; ``None`` means five samples per logging window.
         histogram_every_n_steps: interval of TensorBoard histograms; ``None`` (default) writes none.
     """
 
@@ -107,11 +107,15 @@ class WatchMonitor(Callback):
     # ------------------------------------------------------------------ configuration
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            include=self._selection.include,
-            exclude=self._selection.exclude,
-            types=[t.__name__ for t in self._selection.types],
-        )
+        # Lightning reads `state_key` around every hook call (profiler names): build it once.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._state_key = self._generate_state_key(
+                include=self._selection.include,
+                exclude=self._selection.exclude,
+                types=[t.__name__ for t in self._selection.types],
+            )
+        return key
 
     @property
     def module_names(self) -> list[str]:

@@ -16,7 +16,7 @@ from lightning_watch.monitors._base import WatchMonitor, strategy_shards_paramet
 from lightning_watch.monitors._params import ParameterTable
 from lightning_watch.selection import owns_parameters
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock
+from lightning_watch.stats import StatBlock, nonfinite_count
 
 
 class GradientNormMonitor(WatchMonitor):
@@ -114,7 +114,7 @@ class GradientNormMonitor(WatchMonitor):
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
         module_sq = self._table.per_module_squares(params, norms, self._device)
         # counting non-finite values is a pass per tensor; it runs on logging steps only
-        nonfinite = torch.stack([torch.isfinite(g).logical_not_().sum() for g in grads]).to(torch.float32)
+        nonfinite = torch.stack([nonfinite_count(g) for g in grads])
         index = self._table.group_index(params, self._device)
         zeros = torch.zeros(self._table.num_modules + 1, device=self._device)
         module_nonfinite = zeros.index_add(0, index, nonfinite)

@@ -7,6 +7,7 @@ from lightning_watch.stats.kernels import (
     grad_rows_alive,
     group_norms,
     moments,
+    nonfinite_count,
 )
 from lightning_watch.stats.reduce import StatBlock, read_blocks
 
@@ -18,5 +19,6 @@ __all__ = [
     "grad_rows_alive",
     "group_norms",
     "moments",
+    "nonfinite_count",
     "read_blocks",
 ]
