@@ -13,6 +13,8 @@ from lightning_watch.monitors import (
     ParameterDeltaMonitor,
     WatchMonitor,
 )
+from lightning_watch.regularize import ActivityRegularizer
+from lightning_watch.regularize_rules import ActivityRule
 from lightning_watch.snapshot import Snapshot, scalar_tag
 from lightning_watch.warn import WatchWarning
 from lightning_watch.watch import Watch
@@ -21,6 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationScaleMonitor",
+    "ActivityRegularizer",
+    "ActivityRule",
     "DeadUnitMonitor",
     "GradientNormMonitor",
     "ParameterDeltaMonitor",
