@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_watch.outputs import is_measurable, primary_tensor, unit_dim
 from lightning_watch.selection import owns_parameters
-from lightning_watch.stats import alive_units, moments
+from lightning_watch.stats import Moments, alive_units, moments
 from lightning_watch.warn import warn_once
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,11 @@ class CapturedOutput:
     def __init__(self, info: ModuleInfo, tensor: Tensor, margin: float) -> None:
         self.info = info
         self.tensor = tensor
-        self._moments: Tensor | None = None
+        self._moments: Moments | None = None
         self._alive: Tensor | None = None
         self._margin = margin
 
-    def moments(self) -> Tensor:
+    def moments(self) -> Moments:
         if self._moments is None:
             self._moments = moments(self.tensor, self.info.bounds, self._margin)
         return self._moments

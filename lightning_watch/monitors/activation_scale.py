@@ -15,7 +15,7 @@ from lightning_watch.selection import ACTIVATION_TYPES, owns_parameters
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import MOMENT_FIELDS, StatBlock, accumulator_dtype
 
-_SUM, _SUM_SQ, _MAX_ABS, _NONFINITE, _SATURATED, _COUNT = range(len(MOMENT_FIELDS))
+_SUM, _SUM_SQ, _NONFINITE, _SATURATED = range(len(MOMENT_FIELDS))
 
 #: cap on the elements kept per module for an activation histogram
 HISTOGRAM_SAMPLE = 65_536
@@ -64,7 +64,6 @@ class ActivationScaleMonitor(WatchMonitor):
             raise ValueError(f"`saturation_margin` must be a number in (0, 0.5), got {saturation_margin!r}.")
         self.saturation_margin = float(saturation_margin)
         self._sums: Tensor | None = None
-        self._max_abs: Tensor | None = None
         self._samples: dict[int, Tensor] = {}
         self._pending_state: dict[str, Any] | None = None
 
@@ -76,20 +75,27 @@ class ActivationScaleMonitor(WatchMonitor):
 
     def _on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dtype = accumulator_dtype(self._device)
-        self._sums = torch.zeros(len(self._modules), len(MOMENT_FIELDS), dtype=dtype, device=self._device)
-        self._max_abs = torch.zeros(len(self._modules), dtype=dtype, device=self._device)
-        if self._pending_state is not None and len(self._pending_state["sums"]) == len(self._modules):
-            self._sums.copy_(torch.tensor(self._pending_state["sums"], dtype=dtype))
-            self._max_abs.copy_(torch.tensor(self._pending_state["max_abs"], dtype=dtype))
-        self._pending_state = None
+        n = len(self._modules)
+        self._sums = torch.zeros(n, len(MOMENT_FIELDS), dtype=dtype, device=self._device)
+        self._high = torch.full((n,), -math.inf, dtype=dtype, device=self._device)
+        self._low = torch.full((n,), math.inf, dtype=dtype, device=self._device)
+        self._counts = [0] * n  # elements seen: host numbers, no device work per call
+        pending, self._pending_state = self._pending_state, None
+        if pending is not None and len(pending.get("counts", ())) == n:
+            self._sums.copy_(torch.tensor(pending["sums"], dtype=dtype))
+            self._high.copy_(torch.tensor(pending["high"], dtype=dtype))
+            self._low.copy_(torch.tensor(pending["low"], dtype=dtype))
+            self._counts = list(pending["counts"])
 
     def _on_teardown(self) -> None:
         self._samples = {}
 
     def consume(self, index: int, captured: CapturedOutput) -> None:
-        row = captured.moments()
-        self._sums[index].add_(row)
-        torch.maximum(self._max_abs[index], row[_MAX_ABS], out=self._max_abs[index])
+        stats = captured.moments()
+        self._sums[index, : stats.summed.shape[0]].add_(stats.summed)
+        torch.maximum(self._high[index], stats.high, out=self._high[index])
+        torch.minimum(self._low[index], stats.low, out=self._low[index])
+        self._counts[index] += stats.count
         if self._histogram_due:
             flat = captured.tensor.detach().reshape(-1)
             stride = max(1, flat.numel() // HISTOGRAM_SAMPLE)
@@ -100,26 +106,28 @@ class ActivationScaleMonitor(WatchMonitor):
         if self._sums is None:
             return block
         block.add_sum(self._key("sums"), self._sums)
-        block.add_max(self._key("max_abs"), self._max_abs)
+        block.add_max(self._key("high"), self._high)
+        block.add_min(self._key("low"), self._low)
+        # counts join the one read so that DDP sums them with everything else
+        block.add_sum(self._key("counts"), torch.tensor(self._counts, dtype=self._sums.dtype, device=self._device))
         return block
 
     def _finalize(self, values: dict[str, Any], snapshot: Snapshot) -> None:
         if self._key("sums") not in values:
             return
         width = len(MOMENT_FIELDS)
-        sums = values[self._key("sums")]
-        for index, (info, max_abs) in enumerate(zip(self._infos, values[self._key("max_abs")])):
-            row = sums[index * width : (index + 1) * width]
-            count = row[_COUNT]
+        sums, highs, lows = values[self._key("sums")], values[self._key("high")], values[self._key("low")]
+        for index, (info, count) in enumerate(zip(self._infos, values[self._key("counts")])):
             if not count:
                 continue  # the module did not run on a sampled batch
+            row = sums[index * width : (index + 1) * width]
             mean = row[_SUM] / count
             mean_sq = row[_SUM_SQ] / count
+            variance = mean_sq - mean * mean
             snapshot.put("act_mean", mean, info.name)
             snapshot.put("act_rms", math.sqrt(mean_sq) if mean_sq >= 0 else math.nan, info.name)
-            variance = mean_sq - mean * mean
             snapshot.put("act_std", math.sqrt(max(variance, 0.0)) if not math.isnan(variance) else math.nan, info.name)
-            snapshot.put("act_max_abs", max_abs, info.name)
+            snapshot.put("act_max_abs", max(highs[index], -lows[index]), info.name)
             snapshot.put("act_nonfinite_frac", row[_NONFINITE] / count, info.name)
             if info.bounds is not None:
                 snapshot.put("act_saturated_frac", row[_SATURATED] / count, info.name)
@@ -127,7 +135,9 @@ class ActivationScaleMonitor(WatchMonitor):
     def _reset(self) -> None:
         if self._sums is not None:
             self._sums.zero_()
-            self._max_abs.zero_()
+            self._high.fill_(-math.inf)
+            self._low.fill_(math.inf)
+            self._counts = [0] * len(self._counts)
 
     def _histograms(self) -> dict[str, Tensor]:
         samples, self._samples = self._samples, {}
@@ -138,7 +148,12 @@ class ActivationScaleMonitor(WatchMonitor):
         if self._sums is None:
             return {}
         # checkpoint saving is not a hot path: one host copy of the open window
-        return {"sums": self._sums.tolist(), "max_abs": self._max_abs.tolist()}
+        return {
+            "sums": self._sums.tolist(),
+            "high": self._high.tolist(),
+            "low": self._low.tolist(),
+            "counts": list(self._counts),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = dict(state_dict) if state_dict else None

@@ -2,6 +2,7 @@
 
 from lightning_watch.stats.kernels import (
     MOMENT_FIELDS,
+    Moments,
     accumulator_dtype,
     alive_units,
     grad_rows_alive,
@@ -13,6 +14,7 @@ from lightning_watch.stats.reduce import StatBlock, read_blocks
 
 __all__ = [
     "MOMENT_FIELDS",
+    "Moments",
     "StatBlock",
     "accumulator_dtype",
     "alive_units",

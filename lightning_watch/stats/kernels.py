@@ -6,11 +6,22 @@ the device; the one host transfer happens when a monitor reads its accumulators.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-#: Columns of the row returned by :func:`moments`, in order.
-MOMENT_FIELDS = ("sum", "sum_sq", "max_abs", "nonfinite", "saturated", "count")
+#: Columns of the summable row of :class:`Moments`, in order.
+MOMENT_FIELDS = ("sum", "sum_sq", "nonfinite", "saturated")
+
+
+class Moments(NamedTuple):
+    """Raw statistics of one tensor: ``summed`` adds across calls, ``high``/``low`` take extremes."""
+
+    summed: Tensor  # (3,) or (4,) float32: MOMENT_FIELDS, without "saturated" when unbounded
+    high: Tensor  # 0-d max
+    low: Tensor  # 0-d min
+    count: int  # number of elements (a host number: it costs no device work)
 
 
 def accumulator_dtype(device: torch.device) -> torch.dtype:
@@ -31,41 +42,43 @@ def nonfinite_count(x: Tensor) -> Tensor:
     return x.detach().mul(0).nan_to_num_(1.0).sum(dtype=torch.float32)
 
 
-def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01) -> Tensor:
-    """One row of raw, summable statistics of ``x``, laid out as :data:`MOMENT_FIELDS`.
+def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01) -> Moments:
+    """Raw, summable statistics of ``x`` (see :data:`MOMENT_FIELDS`), plus its max and min.
 
-    Each statistic is one reduction over ``x`` computed in float32 whatever the input dtype
-    (bfloat16 sums of many elements would round away); the row comes back in the device's
-    accumulator dtype (float64 but on MPS) so that adding many rows loses nothing. Non-finite
-    values are *not* removed (a NaN makes ``sum`` NaN, which is the truth) and are counted in
-    ``nonfinite``. With ``bounds=(lo, hi)`` (a sigmoid's ``(0, 1)``, a tanh's ``(-1, 1)``),
-    ``saturated`` counts values within ``margin * (hi - lo)`` of either bound; otherwise it is 0.
+    Each statistic is one reduction over ``x`` accumulated in float32 whatever the input dtype
+    (bfloat16 sums of many elements would round away); callers add rows into float64
+    accumulators so that many rows lose nothing. Non-finite values are *not* removed (a NaN makes
+    ``sum`` NaN, which is the truth) and are counted in ``nonfinite``. With ``bounds=(lo, hi)`` (a
+    sigmoid's ``(0, 1)``, a tanh's ``(-1, 1)``), ``saturated`` counts values within
+    ``margin * (hi - lo)`` of either bound; without bounds the row stops before ``saturated``.
 
-    Raw sums of squares make the standard deviation derived later lose relative precision
+    The hook runs this on every watched output of a sampled batch, so it is built from as few
+    kernels as possible (eight): on a GPU each costs a launch, on a CPU a pass over memory.
+    Raw sums of squares make a standard deviation derived from them lose relative precision
     when ``|mean| / std`` is very large (about 1e-7 * (mean/std)**2 on the variance); centred
     per-call moments would avoid that but cost 20-40x more on a CPU, and monitoring does not need
     it.
 
     Example:
-        >>> row = moments(torch.tensor([1.0, -2.0, float("nan")]))
-        >>> row[3:].tolist()  # nonfinite, saturated, count
-        [1.0, 0.0, 3.0]
+        >>> m = moments(torch.tensor([1.0, -2.0, float("nan")]))
+        >>> m.summed[2].item(), m.count  # nonfinite, count
+        (1.0, 3)
     """
     xf = x.detach()
     total = xf.sum(dtype=torch.float32)
     norm = torch.linalg.vector_norm(xf, 2, dtype=torch.float32)
-    low, high = torch.aminmax(xf)
-    max_abs = torch.maximum(high, -low).to(torch.float32)
-    nonfinite = nonfinite_count(xf)
-    if bounds is None:
-        saturated = torch.zeros((), dtype=torch.float32, device=xf.device)
-    else:
+    high, low = _max_min(xf)
+    parts = [total, norm * norm, nonfinite_count(xf)]
+    if bounds is not None:
         lo, hi = bounds
         edge = margin * (hi - lo)
-        saturated = ((xf <= lo + edge) | (xf >= hi - edge)).sum(dtype=torch.float32)
-    count = torch.full((), float(xf.numel()), dtype=torch.float32, device=xf.device)
-    row = torch.stack([total, norm * norm, max_abs, nonfinite, saturated, count])
-    return row.to(accumulator_dtype(xf.device))
+        parts.append(((xf <= lo + edge) | (xf >= hi - edge)).sum(dtype=torch.float32))
+    return Moments(torch.stack(parts), high, low, xf.numel())
+
+
+def _max_min(x: Tensor) -> tuple[Tensor, Tensor]:
+    low, high = torch.aminmax(x)
+    return high, low
 
 
 def alive_units(x: Tensor, unit_dim: int) -> Tensor:

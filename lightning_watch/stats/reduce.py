@@ -1,7 +1,7 @@
 """Reading accumulators back: one cross-process collective and one host transfer per read.
 
 Every monitor hands its device accumulators over as a :class:`StatBlock` whose entries say how
-they combine across processes (``sum`` or ``max``). :func:`read_blocks` packs all blocks into a
+they combine across processes (``sum``, ``max`` or ``min``). :func:`read_blocks` packs all blocks into a
 single vector, gathers it across ranks once, reduces each entry by its declared operation, and
 copies the result to the host once.
 """
@@ -29,6 +29,7 @@ class StatBlock:
 
     sums: dict[str, Tensor] = field(default_factory=dict)
     maxes: dict[str, Tensor] = field(default_factory=dict)
+    mins: dict[str, Tensor] = field(default_factory=dict)
 
     def add_sum(self, name: str, tensor: Tensor) -> None:
         self.sums[name] = tensor
@@ -36,8 +37,11 @@ class StatBlock:
     def add_max(self, name: str, tensor: Tensor) -> None:
         self.maxes[name] = tensor
 
+    def add_min(self, name: str, tensor: Tensor) -> None:
+        self.mins[name] = tensor
+
     def __bool__(self) -> bool:
-        return bool(self.sums or self.maxes)
+        return bool(self.sums or self.maxes or self.mins)
 
 
 Gather = Callable[[Tensor], Tensor]
@@ -51,10 +55,11 @@ def read_blocks(blocks: Sequence[StatBlock], gather: Gather | None = None) -> di
     This is the one place where statistics cross from device to host (a sync point, by design,
     on logging steps only).
     """
-    entries: list[tuple[str, Tensor, bool]] = []  # (name, tensor, is_max)
+    entries: list[tuple[str, Tensor, int]] = []  # (name, tensor, sign); sign 0: sum, +1: max, -1: min
     for block in blocks:
-        entries.extend((name, t, False) for name, t in block.sums.items())
-        entries.extend((name, t, True) for name, t in block.maxes.items())
+        entries.extend((name, t, 0) for name, t in block.sums.items())
+        entries.extend((name, t, 1) for name, t in block.maxes.items())
+        entries.extend((name, t, -1) for name, t in block.mins.items())
     if not entries:
         return {}
     names = [name for name, _, _ in entries]
@@ -62,24 +67,30 @@ def read_blocks(blocks: Sequence[StatBlock], gather: Gather | None = None) -> di
         raise ValueError(f"statistic names must be unique across blocks, got {names!r}")
     device = entries[0][1].device
     dtype = torch.float32 if device.type == "mps" else torch.float64
-    flat = [t.detach().reshape(-1).to(device=device, dtype=dtype) for _, t, _ in entries]
+    # a min is a max of negated values, so one gather and one amax serve both
+    flat = [(t.detach().reshape(-1).to(device=device, dtype=dtype)) * (-1 if sign < 0 else 1) for _, t, sign in entries]
     sizes = [f.numel() for f in flat]
     packed = torch.cat(flat)
     if gather is not None:
         gathered = gather(packed)
         if gathered.dim() == 2 and gathered.shape[0] > 1:
-            is_max = torch.cat(
-                [torch.full((n,), m, dtype=torch.bool, device=device) for n, (_, _, m) in zip(sizes, entries)]
+            is_extreme = torch.cat(
+                [
+                    torch.full((n,), sign != 0, dtype=torch.bool, device=device)
+                    for n, (_, _, sign) in zip(sizes, entries)
+                ]
             )
             gathered = gathered.to(device)
-            packed = torch.where(is_max, gathered.amax(0), gathered.sum(0))
+            packed = torch.where(is_extreme, gathered.amax(0), gathered.sum(0))
         elif gathered.dim() == 2:
             packed = gathered[0]
     values = packed.tolist()  # the host transfer: a sync point, on logging steps only
     out: dict[str, float | list[float]] = {}
     start = 0
-    for (name, tensor, _), size in zip(entries, sizes):
+    for (name, tensor, sign), size in zip(entries, sizes):
         chunk = values[start : start + size]
+        if sign < 0:
+            chunk = [-v for v in chunk]
         out[name] = chunk[0] if tensor.dim() == 0 else chunk
         start += size
     return out
