@@ -3,22 +3,77 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_watch.cadence import logging_step
 from lightning_watch.capture import CapturedOutput
-from lightning_watch.monitors._base import WatchMonitor
+from lightning_watch.monitors._base import WatchMonitor, gather_for
 from lightning_watch.selection import ACTIVATION_TYPES, owns_parameters
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import MOMENT_FIELDS, StatBlock, accumulator_dtype
+from lightning_watch.stats import MOMENT_FIELDS, StatBlock, accumulator_dtype, read_blocks
+from lightning_watch.tensorboard import log_scalars
 
 _SUM, _SUM_SQ, _NONFINITE, _SATURATED = range(len(MOMENT_FIELDS))
 
 #: cap on the elements kept per module for an activation histogram
 HISTOGRAM_SAMPLE = 65_536
+
+
+@dataclass
+class _Window:
+    """Open accumulators of one window: sums (n, fields), running max/min, element counts."""
+
+    sums: Tensor
+    high: Tensor
+    low: Tensor
+    counts: list[int]
+
+    @classmethod
+    def empty(cls, n: int, device: torch.device) -> _Window:
+        dtype = accumulator_dtype(device)
+        return cls(
+            sums=torch.zeros(n, len(MOMENT_FIELDS), dtype=dtype, device=device),
+            high=torch.full((n,), -math.inf, dtype=dtype, device=device),
+            low=torch.full((n,), math.inf, dtype=dtype, device=device),
+            counts=[0] * n,  # elements seen: host numbers, no device work per call
+        )
+
+    def add(self, index: int, captured: CapturedOutput) -> None:
+        stats = captured.moments()
+        self.sums[index, : stats.summed.shape[0]].add_(stats.summed)
+        torch.maximum(self.high[index], stats.high, out=self.high[index])
+        torch.minimum(self.low[index], stats.low, out=self.low[index])
+        self.counts[index] += stats.count
+
+    def block(self, prefix: str) -> StatBlock:
+        block = StatBlock()
+        block.add_sum(f"{prefix}.sums", self.sums)
+        block.add_max(f"{prefix}.high", self.high)
+        block.add_min(f"{prefix}.low", self.low)
+        # counts join the one read so that DDP sums them with everything else
+        block.add_sum(f"{prefix}.counts", torch.tensor(self.counts, dtype=self.sums.dtype, device=self.sums.device))
+        return block
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.high.fill_(-math.inf)
+        self.low.fill_(math.inf)
+        self.counts = [0] * len(self.counts)
+
+    def state(self) -> dict[str, list]:
+        return {"sums": self.sums.tolist(), "high": self.high.tolist(), "low": self.low.tolist(), "counts": self.counts}
+
+    def load(self, state: dict[str, list]) -> None:
+        dtype = self.sums.dtype
+        self.sums.copy_(torch.tensor(state["sums"], dtype=dtype))
+        self.high.copy_(torch.tensor(state["high"], dtype=dtype))
+        self.low.copy_(torch.tensor(state["low"], dtype=dtype))
+        self.counts = list(state["counts"])
 
 
 class ActivationScaleMonitor(WatchMonitor):
@@ -36,6 +91,8 @@ class ActivationScaleMonitor(WatchMonitor):
             ``nn.Hardtanh``, ``nn.Hardsigmoid``, ``nn.Softsign``), a value within
             ``margin * (hi - lo)`` of an asymptote counts as saturated. The default 0.01 counts a
             sigmoid output below 0.01 or above 0.99 (a pre-activation beyond ±4.6).
+        validation: also measure every validation batch (sanity check excluded) and log the
+            epoch's statistics as ``watch/val_<metric>/<module>`` at the end of each validation.
         **kwargs: selection and cadence arguments of :class:`~lightning_watch.monitors.WatchMonitor`.
             Default selection: modules that register parameters, plus activation modules.
 
@@ -45,6 +102,7 @@ class ActivationScaleMonitor(WatchMonitor):
         - ``watch/act_max_abs/<module>``: largest absolute output value in the window.
         - ``watch/act_nonfinite_frac/<module>``: share of NaN/Inf output values.
         - ``watch/act_saturated_frac/<module>``: share of saturated values (bounded activations only).
+        - with ``validation=True``: the same under ``watch/val_act_*/<module>``, one point per validation run.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -54,8 +112,13 @@ class ActivationScaleMonitor(WatchMonitor):
     METRICS = ("act_mean", "act_std", "act_rms", "act_max_abs", "act_nonfinite_frac", "act_saturated_frac")
     CAPTURES_OUTPUTS = True
 
-    def __init__(self, saturation_margin: float = 0.01, **kwargs: Any) -> None:
+    def __init__(self, saturation_margin: float = 0.01, validation: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if not isinstance(validation, bool):
+            raise ValueError(f"`validation` must be True or False, got {validation!r}.")
+        self.validation = validation
+        if validation:
+            self.METRICS = (*self.METRICS, *(f"val_{metric}" for metric in self.METRICS))
         if (
             isinstance(saturation_margin, bool)
             or not isinstance(saturation_margin, (int, float))
@@ -63,7 +126,8 @@ class ActivationScaleMonitor(WatchMonitor):
         ):
             raise ValueError(f"`saturation_margin` must be a number in (0, 0.5), got {saturation_margin!r}.")
         self.saturation_margin = float(saturation_margin)
-        self._sums: Tensor | None = None
+        self._window: _Window | None = None
+        self._val_window: _Window | None = None
         self._samples: dict[int, Tensor] = {}
         self._pending_state: dict[str, Any] | None = None
 
@@ -74,70 +138,77 @@ class ActivationScaleMonitor(WatchMonitor):
         self._engine.saturation_margin = self.saturation_margin
 
     def _on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dtype = accumulator_dtype(self._device)
-        n = len(self._modules)
-        self._sums = torch.zeros(n, len(MOMENT_FIELDS), dtype=dtype, device=self._device)
-        self._high = torch.full((n,), -math.inf, dtype=dtype, device=self._device)
-        self._low = torch.full((n,), math.inf, dtype=dtype, device=self._device)
-        self._counts = [0] * n  # elements seen: host numbers, no device work per call
+        self._window = _Window.empty(len(self._modules), self._device)
         pending, self._pending_state = self._pending_state, None
-        if pending is not None and len(pending.get("counts", ())) == n:
-            self._sums.copy_(torch.tensor(pending["sums"], dtype=dtype))
-            self._high.copy_(torch.tensor(pending["high"], dtype=dtype))
-            self._low.copy_(torch.tensor(pending["low"], dtype=dtype))
-            self._counts = list(pending["counts"])
+        if pending is not None and len(pending.get("counts", ())) == len(self._modules):
+            self._window.load(pending)
 
     def _on_teardown(self) -> None:
         self._samples = {}
+        self._val_window = None
 
     def consume(self, index: int, captured: CapturedOutput) -> None:
-        stats = captured.moments()
-        self._sums[index, : stats.summed.shape[0]].add_(stats.summed)
-        torch.maximum(self._high[index], stats.high, out=self._high[index])
-        torch.minimum(self._low[index], stats.low, out=self._low[index])
-        self._counts[index] += stats.count
-        if self._histogram_due:
+        window = self._val_window if self._val_window is not None else self._window
+        window.add(index, captured)
+        if self._histogram_due and self._val_window is None:
             flat = captured.tensor.detach().reshape(-1)
             stride = max(1, flat.numel() // HISTOGRAM_SAMPLE)
             self._samples[index] = flat[::stride].float().clone()
 
     def _collect(self, trainer: pl.Trainer) -> StatBlock:
-        block = StatBlock()
-        if self._sums is None:
-            return block
-        block.add_sum(self._key("sums"), self._sums)
-        block.add_max(self._key("high"), self._high)
-        block.add_min(self._key("low"), self._low)
-        # counts join the one read so that DDP sums them with everything else
-        block.add_sum(self._key("counts"), torch.tensor(self._counts, dtype=self._sums.dtype, device=self._device))
-        return block
+        return self._window.block(self._key("train")) if self._window is not None else StatBlock()
 
     def _finalize(self, values: dict[str, Any], snapshot: Snapshot) -> None:
-        if self._key("sums") not in values:
+        self._put(values, self._key("train"), snapshot, prefix="")
+
+    def _put(self, values: dict[str, Any], key: str, snapshot: Snapshot, prefix: str) -> None:
+        if f"{key}.sums" not in values:
             return
         width = len(MOMENT_FIELDS)
-        sums, highs, lows = values[self._key("sums")], values[self._key("high")], values[self._key("low")]
-        for index, (info, count) in enumerate(zip(self._infos, values[self._key("counts")])):
+        sums, highs, lows = values[f"{key}.sums"], values[f"{key}.high"], values[f"{key}.low"]
+        for index, (info, count) in enumerate(zip(self._infos, values[f"{key}.counts"])):
             if not count:
-                continue  # the module did not run on a sampled batch
+                continue  # the module did not run on a measured batch
             row = sums[index * width : (index + 1) * width]
             mean = row[_SUM] / count
             mean_sq = row[_SUM_SQ] / count
             variance = mean_sq - mean * mean
-            snapshot.put("act_mean", mean, info.name)
-            snapshot.put("act_rms", math.sqrt(mean_sq) if mean_sq >= 0 else math.nan, info.name)
-            snapshot.put("act_std", math.sqrt(max(variance, 0.0)) if not math.isnan(variance) else math.nan, info.name)
-            snapshot.put("act_max_abs", max(highs[index], -lows[index]), info.name)
-            snapshot.put("act_nonfinite_frac", row[_NONFINITE] / count, info.name)
+            snapshot.put(f"{prefix}act_mean", mean, info.name)
+            snapshot.put(f"{prefix}act_rms", math.sqrt(mean_sq) if mean_sq >= 0 else math.nan, info.name)
+            std = math.sqrt(max(variance, 0.0)) if not math.isnan(variance) else math.nan
+            snapshot.put(f"{prefix}act_std", std, info.name)
+            snapshot.put(f"{prefix}act_max_abs", max(highs[index], -lows[index]), info.name)
+            snapshot.put(f"{prefix}act_nonfinite_frac", row[_NONFINITE] / count, info.name)
             if info.bounds is not None:
-                snapshot.put("act_saturated_frac", row[_SATURATED] / count, info.name)
+                snapshot.put(f"{prefix}act_saturated_frac", row[_SATURATED] / count, info.name)
 
     def _reset(self) -> None:
-        if self._sums is not None:
-            self._sums.zero_()
-            self._high.fill_(-math.inf)
-            self._low.fill_(math.inf)
-            self._counts = [0] * len(self._counts)
+        if self._window is not None:
+            self._window.reset()
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.validation and self._engine is not None and not trainer.sanity_checking:
+            self._val_window = _Window.empty(len(self._modules), self._device)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._val_window is not None:
+            self._engine.arm(self)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._val_window is not None:
+            self._engine.disarm(self)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        window, self._val_window = self._val_window, None
+        if window is None:
+            return
+        key = self._key("val")
+        values = read_blocks([window.block(key)], gather=gather_for(trainer))
+        snapshot = Snapshot(step=logging_step(trainer), epoch=trainer.current_epoch)
+        self._put(values, key, snapshot, prefix="val_")
+        log_scalars(trainer, snapshot)
+        self.last_validation_snapshot = snapshot
 
     def _histograms(self) -> dict[str, Tensor]:
         samples, self._samples = self._samples, {}
@@ -145,15 +216,8 @@ class ActivationScaleMonitor(WatchMonitor):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        if self._sums is None:
-            return {}
-        # checkpoint saving is not a hot path: one host copy of the open window
-        return {
-            "sums": self._sums.tolist(),
-            "high": self._high.tolist(),
-            "low": self._low.tolist(),
-            "counts": list(self._counts),
-        }
+        # checkpoint saving is not a hot path: one host copy of the open training window
+        return self._window.state() if self._window is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = dict(state_dict) if state_dict else None
