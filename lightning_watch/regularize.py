@@ -107,7 +107,8 @@ class ActivityRegularizer(Callback):
 
     Example:
         >>> from lightning.pytorch import Trainer
-        >>> reg = ActivityRegularizer({"encoder.fc2": {"l2": 1e-3}, "head": {"l1": 1e-4, "weight": lambda s: min(1.0, s / 100)}})
+        >>> warm_up = lambda step: min(1.0, step / 100)
+        >>> reg = ActivityRegularizer({"encoder.fc2": {"l2": 1e-3}, "head": {"l1": 1e-4, "weight": warm_up}})
         >>> [rule.name for rule in reg.rules]
         ['encoder.fc2', 'head']
         >>> trainer = Trainer(callbacks=[reg], logger=False)

@@ -22,13 +22,13 @@ Lightning has already divided ``closure_loss`` by it. Manual optimization does n
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor
 
 #: ``contributor() -> Tensor | None``: the terms to add to the next backward, unscaled.
-Contributor = Callable[[], Optional[Tensor]]
+Contributor = Callable[[], Tensor | None]
 
 _ATTR = "_lightning_watch_backward_patch"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +28,8 @@ REDUCTIONS = (SUM_OVER_BATCH_SIZE, SUM)
 #: Keys a rule's mapping may hold.
 RULE_KEYS = ("l1", "l2", "fn", "weight", "reduction", "output")
 
-Weight = Union[float, Callable[[int], float]]
-OutputSelector = Union[int, Callable[[Any], Any], None]
+Weight = float | Callable[[int], float]
+OutputSelector = int | Callable[[Any], Any] | None
 
 
 def _check_coefficient(value: Any, arg: str, rule: str) -> float:
@@ -260,8 +260,9 @@ def rule_penalty(rule: ActivityRule, sums: OutputSums, weight: float) -> Tensor:
 
     Example:
         >>> out = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+        >>> # 2.0 * (0.5 * 6 + 0.1 * 14) / 2
         >>> rule_penalty(ActivityRule(include="x", l1=0.5, l2=0.1), OutputSums(out, batch=2), weight=2.0)
-        tensor(7.4000)
+        tensor(4.4000)
     """
     total: Tensor | None = None
     if rule.l2:

@@ -22,8 +22,8 @@ from conftest import make_trainer, read_scalars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_watch import ActivationScaleMonitor, ActivityRegularizer, ActivityRule
-from lightning_watch.regularize_rules import OutputSums, parse_rules, rule_penalty
+from lightning_watch import ActivityRegularizer, ActivityRule
+from lightning_watch.regularize_rules import OutputSums, rule_penalty
 
 L1, L2 = 3e-3, 2e-2
 
@@ -169,9 +169,448 @@ def compare(tmp_path, mode="auto", tol=1e-5, twice=False, optimizer="sgd", **tra
         ("manual", {}),
         ("manual2", {}),
         ("auto", {"accumulate_grad_batches": 2}),
+        ("auto", {"precision": "bf16-mixed"}),
+        ("manual", {"precision": "bf16-mixed"}),
     ],
-    ids=["automatic", "manual", "two-optimizers", "accumulate-2"],
+    ids=["automatic", "manual", "two-optimizers", "accumulate-2", "bf16-mixed", "bf16-mixed-manual"],
 )
 def test_gradients_equal_hand_written_penalty(tmp_path, mode, kw):
     steps = compare(tmp_path, mode=mode, **kw)
-    assert len(steps) == (6 if mode == "auto" and not kw else 3 if kw else 6 if mode == "manual" else 12)
+    # 6 batches: one optimizer step each, two with two optimizers, one per two batches when accumulating
+    assert len(steps) == {"manual2": 12}.get(mode, 3 if "accumulate_grad_batches" in kw else 6)
+
+
+def test_gradients_equal_under_16_mixed_loss_scaling(tmp_path):
+    # Lightning turns `precision="16-mixed"` into bf16 on CPU; a MixedPrecision plugin with a CPU
+    # GradScaler runs real float16 autocast and loss scaling. The penalty must be scaled with the
+    # loss: added after scaling it would be 1024 times too weak, added twice twice too strong.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    def plugin():
+        return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+
+    torch.manual_seed(0)
+    base = Net()
+    hand, plain = copy.deepcopy(base), copy.deepcopy(base)
+    hand.penalty = reference_penalty
+    reg = ActivityRegularizer({"encoder.fc2": {"l1": L1, "l2": L2}})
+    got = run(base, [reg], tmp_path / "cb", plugins=[plugin()])
+    want = run(hand, [], tmp_path / "hand", plugins=[plugin()])
+    without = run(plain, [], tmp_path / "plain", plugins=[plugin()])
+    assert max_rel_diff(got, want) < 1e-5
+    assert max_rel_diff(without, want) > 1e-2
+
+
+def test_adam_layer_called_twice_and_two_rules_on_one_layer(tmp_path):
+    # encoder.fc2 runs twice per step and is selected by two rules (a glob with a callable, a name
+    # with l2); encoder.fc1 is selected by the glob only. Every call gets every rule's penalty.
+    def fancy(out):
+        return out.float().abs().amax(dim=-1).sum()
+
+    def hand_penalty(name, out):
+        wide = out.float()
+        total = 0.05 * fancy(out) / out.shape[0]
+        if name == "encoder.fc2":
+            total = total + L2 * wide.pow(2).sum() / out.shape[0]
+        return total
+
+    torch.manual_seed(0)
+    base = Net(twice=True, optimizer="adam")
+    hand, plain = copy.deepcopy(base), copy.deepcopy(base)
+    hand.penalty = hand_penalty
+    reg = ActivityRegularizer(
+        [
+            ActivityRule(include="encoder.fc*", fn=fancy, weight=0.05, name="peaks"),
+            ActivityRule(include="encoder.fc2", l2=L2),
+        ]
+    )
+    got = run(base, [reg], tmp_path / "cb")
+    want = run(hand, [], tmp_path / "hand")
+    without = run(plain, [], tmp_path / "plain")
+    assert max_rel_diff(got, want) < 1e-5
+    assert max_rel_diff(without, want) > 1e-2
+
+
+# ---------------------------------------------------------------------- closed forms
+def test_rule_penalty_matches_closed_forms():
+    g = torch.Generator().manual_seed(3)
+    out = torch.randn(5, 3, 2, generator=g)
+    b, s_abs, s_sq = 5, out.abs().sum().item(), out.pow(2).sum().item()
+
+    def value(**kw):
+        weight = kw.pop("weight", 1.0)
+        rule = ActivityRule(include="x", **kw)
+        return rule_penalty(rule, OutputSums(out, batch=b), weight).item()
+
+    assert value(l1=0.3) == pytest.approx(0.3 * s_abs / b, rel=1e-6)
+    assert value(l2=0.7) == pytest.approx(0.7 * s_sq / b, rel=1e-6)
+    assert value(l1=0.3, l2=0.7) == pytest.approx((0.3 * s_abs + 0.7 * s_sq) / b, rel=1e-6)
+    assert value(l2=0.7, reduction="sum") == pytest.approx(0.7 * s_sq, rel=1e-6)
+    assert value(l2=0.7, weight=4.0) == pytest.approx(4 * 0.7 * s_sq / b, rel=1e-6)
+    top = out.max().item()
+    assert value(fn=lambda t: t.max()) == pytest.approx(top / b, rel=1e-6)
+    assert value(fn=lambda t: t.max(), reduction="sum") == pytest.approx(top, rel=1e-6)
+    # half-precision outputs are reduced in float32
+    half = OutputSums(out.to(torch.bfloat16), batch=b)
+    exact = out.to(torch.bfloat16).float().pow(2).sum().item()
+    assert rule_penalty(ActivityRule(include="x", l2=1.0), half, 1.0).dtype == torch.float32
+    assert rule_penalty(ActivityRule(include="x", l2=1.0), half, 1.0).item() == pytest.approx(exact / b, rel=1e-6)
+
+
+def test_batch_size_follows_batch_first_packed_sequences_and_tuple_choice():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from lightning_watch.regularize_rules import select_output
+
+    lstm = nn.LSTM(3, 4)  # (seq, batch, feature) by default
+    seq, batch = 7, 5
+    x = torch.randn(seq, batch, 3)
+    output = lstm(x)
+    rule = ActivityRule(include="lstm", l2=1.0)
+    tensor, size = select_output(rule, "lstm", lstm, output)
+    assert tensor is output[0] and size == batch
+    hidden_rule = ActivityRule(include="lstm", l2=1.0, output=1)  # (h, c) -> h
+    tensor, size = select_output(hidden_rule, "lstm", lstm, output)
+    assert tensor is output[1][0] and size == batch
+    packed = pack_padded_sequence(x, lengths=[7, 6, 4, 2, 1])
+    out_packed = lstm(packed)
+    tensor, size = select_output(rule, "lstm", lstm, out_packed)
+    assert tensor is out_packed[0].data and size == batch  # padding-free sum, batch from batch_sizes
+    first = nn.LSTM(3, 4, batch_first=True)
+    _, size = select_output(rule, "lstm", first, first(torch.randn(batch, seq, 3)))
+    assert size == batch
+
+
+class Identity(pl.LightningModule):
+    """The penalized layer returns the input unchanged, so penalties have closed forms in the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ident = nn.Identity()
+        self.scale = nn.Linear(3, 1)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        loss = self.scale(self.ident(x)).pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_logged_penalties_and_scale_match_closed_forms(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 3, generator=g)
+    batches = x.split(4)  # 3 steps of 4 samples
+    schedule = [0.0, 1.0, 2.0]
+    reg = ActivityRegularizer(
+        {
+            "ident": {"l1": 0.5, "l2": 0.25, "weight": lambda step: schedule[step]},
+            "iden?": {"fn": lambda out: out.sum(), "reduction": "sum"},
+        },
+        log_every_n_steps=1,
+    )
+    trainer = make_trainer(tmp_path, [reg], max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Identity(), DataLoader(TensorDataset(x), batch_size=4))
+    scalars = read_scalars(tmp_path / "tb")
+    first = [(0.5 * b.abs().sum() + 0.25 * b.pow(2).sum()).item() / 4 * w for b, w in zip(batches, schedule)]
+    second = [b.sum().item() for b in batches]
+    got_first = [v for _, v in scalars["watch/activity_penalty/ident"]]
+    got_second = [v for _, v in scalars["watch/activity_penalty/iden?"]]
+    got_total = [v for _, v in scalars["watch/global/activity_penalty"]]
+    assert [s for s, _ in scalars["watch/activity_penalty/ident"]] == [0, 1, 2]
+    assert got_first == pytest.approx(first, rel=1e-5)
+    assert got_second == pytest.approx(second, rel=1e-5, abs=1e-6)
+    assert got_total == pytest.approx([a + b for a, b in zip(first, second)], rel=1e-5, abs=1e-6)
+    rms = [v for _, v in scalars["watch/activity_rms/ident"]]
+    assert rms == pytest.approx([b.pow(2).mean().sqrt().item() for b in batches], rel=1e-5)
+    # the user's own train_loss is what the module logged, without the penalty
+    losses = [v for _, v in scalars["train_loss"]]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert reg.last_snapshot.get("activity_penalty", "ident") == pytest.approx(first[-1], rel=1e-5)
+
+
+class LossSpy(pl.Callback):
+    """What Lightning reports: ``outputs["loss"]`` and the tensor handed to ``on_before_backward``."""
+
+    def __init__(self) -> None:
+        self.reported: list[float] = []
+        self.backpropagated: list[float] = []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.backpropagated.append(loss.item())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.reported.append(outputs["loss"].item())
+
+
+def test_reported_loss_excludes_penalty_backpropagated_total_includes_it(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    hand = copy.deepcopy(model)
+    hand.penalty = reference_penalty
+    spy, hand_spy = LossSpy(), LossSpy()
+    run(model, [ActivityRegularizer({"encoder.fc2": {"l1": L1, "l2": L2}}), spy], tmp_path / "cb")
+    run(hand, [hand_spy], tmp_path / "hand")
+    # the hand-written module returns loss + penalty; the callback leaves the returned loss alone
+    assert spy.backpropagated == pytest.approx(hand_spy.backpropagated, rel=1e-6)
+    assert spy.backpropagated == pytest.approx(hand_spy.reported, rel=1e-6)
+    gaps = [total - plain for total, plain in zip(spy.backpropagated, spy.reported)]
+    assert all(gap > 1e-3 for gap in gaps)
+
+
+# ---------------------------------------------------------------------- no penalty outside training
+def test_validation_and_no_grad_add_nothing_and_keep_no_graph(tmp_path):
+    calls: list[tuple[bool, bool]] = []
+
+    def spy(out):
+        calls.append((torch.is_grad_enabled(), out.requires_grad))
+        return out.float().pow(2).sum()
+
+    torch.manual_seed(0)
+    model = Net()
+    reg = ActivityRegularizer({"encoder.fc2": spy}, log_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [reg], max_epochs=2, logger=False, num_sanity_val_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader(), loader(n=16))  # 2 validation batches per epoch, 6 training
+        trainer.validate(model, loader(n=16))
+    # only the 12 training forwards: no sanity check, validation or trainer.validate call
+    assert len(calls) == 12 and all(grad and req for grad, req in calls)
+    assert all(term is None for term in reg._pending)
+
+
+# ---------------------------------------------------------------------- teardown
+def test_teardown_restores_model_and_strategy(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    reg = ActivityRegularizer({"encoder.*": {"l2": 1e-3}})
+    trainer = make_trainer(tmp_path, [reg], logger=False)
+    class_backward = type(trainer.strategy).backward
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader())
+    assert reg.module_names == []
+    assert all(not m._forward_hooks for m in model.modules())
+    assert "backward" not in vars(trainer.strategy)
+    assert type(trainer.strategy).backward is class_backward
+    restored = pickle.loads(pickle.dumps(model))
+    x = torch.randn(3, 4)
+    assert torch.equal(restored.head(restored.squash(restored.encoder(x))), model.head(model.squash(model.encoder(x))))
+    # a second fit with the same callback penalizes again, exactly once
+    second = make_trainer(tmp_path, [reg], logger=False, max_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        second.fit(model, loader())
+    assert "backward" not in vars(second.strategy)
+
+
+def test_two_regularizers_share_one_patch_and_both_count(tmp_path):
+    torch.manual_seed(0)
+    base = Net()
+    hand = copy.deepcopy(base)
+    hand.penalty = reference_penalty
+    first = ActivityRegularizer({"encoder.fc2": {"l1": L1}})
+    second = ActivityRegularizer({"encoder.fc2": {"l2": L2}})
+    got = run(base, [first, second], tmp_path / "cb")
+    want = run(hand, [], tmp_path / "hand")
+    assert max_rel_diff(got, want) < 1e-5
+
+
+def test_exception_in_training_restores_model(tmp_path):
+    class Boom(Net):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    model = Boom()
+    trainer = make_trainer(tmp_path, [ActivityRegularizer({"encoder.fc2": {"l2": 1.0}})], logger=False)
+    with pytest.raises(RuntimeError, match="boom"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader())
+    assert all(not m._forward_hooks for m in model.modules())
+    assert "backward" not in vars(trainer.strategy)
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        (
+            {"encoder.fc2": {"l2": -1e-3}},
+            r"`l2` of rule 'encoder.fc2' must be a non-negative finite number, got -0.001",
+        ),
+        ({"encoder.fc2": {"l1": "big"}}, r"`l1` of rule 'encoder.fc2' must be a non-negative"),
+        ({"encoder.fc2": {"l2": 1e-3, "weight": -2}}, r"`weight` of rule 'encoder.fc2' must be a non-negative"),
+        ({"encoder.fc2": {"l3": 1e-3}}, r"rule 'encoder.fc2' has unknown key\(s\) \['l3'\]; valid keys are"),
+        ({"encoder.fc2": {"weight": 1.0}}, r"rule 'encoder.fc2' must set a penalty"),
+        ({"encoder.fc2": {"l2": 1e-3, "reduction": "mean"}}, r"`reduction` of rule 'encoder.fc2' must be one of"),
+        ({"encoder.fc2": 0.1}, r"rule 'encoder.fc2' must be a mapping such as"),
+        ({}, r"`rules` must hold at least one rule"),
+        ("encoder.fc2", r"`rules` must be a mapping"),
+        ([ActivityRule(include="a", l1=1.0), ActivityRule(include="a", l2=1.0)], r"rule names must be unique"),
+    ],
+)
+def test_bad_rules_fail_at_construction(rules, message):
+    with pytest.raises(ValueError, match=message):
+        ActivityRegularizer(rules)
+
+
+def fit_quietly(tmp_path, model, reg, **kw):
+    trainer = make_trainer(tmp_path, [reg], logger=False, max_steps=2, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader())
+    return trainer
+
+
+def test_pattern_matching_nothing_fails_at_fit_start_naming_the_rule(tmp_path):
+    reg = ActivityRegularizer({"encoder.fc2": {"l2": 1.0}, "decoder.*": {"l1": 1.0}})
+    with pytest.raises(ValueError, match=r"rule 'decoder.\*': `include` pattern 'decoder.\*' matches no module of Net"):
+        fit_quietly(tmp_path, Net(), reg)
+    reg = ActivityRegularizer(ActivityRule(types="Conv2d", l2=1.0))
+    with pytest.raises(ValueError, match=r"rule 'Conv2d' selects no module of Net"):
+        fit_quietly(tmp_path, Net(), reg)
+
+
+def test_bad_values_during_training_name_the_rule(tmp_path):
+    reg = ActivityRegularizer({"encoder.fc2": {"fn": lambda out: out.pow(2).sum(dim=0)}})
+    with pytest.raises(ValueError, match=r"`fn` of rule 'encoder.fc2' must return a scalar .* shape \(8,\)"):
+        fit_quietly(tmp_path, Net(), reg)
+    reg = ActivityRegularizer({"encoder.fc2": {"l2": 1.0, "weight": lambda step: -0.5}})
+    with pytest.raises(ValueError, match=r"`weight` of rule 'encoder.fc2' \(returned by its schedule at step 0\)"):
+        fit_quietly(tmp_path, Net(), reg)
+
+
+class WithIndices(Net):
+    """Adds a layer whose output is an integer tensor (a bucketing step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bucket = Bucket()
+
+    def training_step(self, batch, batch_idx):
+        self.bucket(batch[0])
+        return super().training_step(batch, batch_idx)
+
+
+class Bucket(nn.Module):
+    def forward(self, x):
+        return torch.bucketize(x, torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_penalty_on_integer_output_fails_naming_rule_and_module(tmp_path):
+    reg = ActivityRegularizer({"buck*": {"l1": 1.0}})
+    with pytest.raises(TypeError, match=r"rule 'buck\*' penalizes module 'bucket', whose output has dtype torch.int64"):
+        fit_quietly(tmp_path, WithIndices(), reg)
+
+
+# ---------------------------------------------------------------------- DDP
+def final_parameters(model: pl.LightningModule) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["auto", "manual"])
+def test_ddp_two_processes_match_hand_written_penalty(tmp_path, mode):
+    # Each of 2 gloo processes adds the penalty of its local batch to its own loss, inside its one
+    # backward; DDP averages the gradients. The hand-written module does the same by construction.
+    # A second backward per step would fail in DDP's reducer or double the penalty.
+    torch.manual_seed(0)
+    base = Net(mode=mode)
+    hand, plain = copy.deepcopy(base), copy.deepcopy(base)
+    hand.penalty = reference_penalty
+    base_weights = final_parameters(base)
+    ddp = {"strategy": "ddp_spawn", "accelerator": "cpu", "devices": 2, "logger": False}
+    for model, callbacks, where in (
+        (base, [ActivityRegularizer({"encoder.fc2": {"l1": L1, "l2": L2}})], "cb"),
+        (hand, [], "hand"),
+    ):
+        trainer = make_trainer(tmp_path / where, callbacks, **ddp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, loader(n=32, batch_size=8))  # 2 steps of 2 x 8 samples
+    got, want = final_parameters(base), final_parameters(hand)
+    # Without a penalty, averaging two ranks' mean losses over 8 samples equals one process's mean
+    # over the same 16 samples: this single-process run is the DDP run minus the penalty.
+    trainer = make_trainer(tmp_path / "plain", [], logger=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(plain, loader(n=32, batch_size=16))
+    without = final_parameters(plain)
+    assert not torch.equal(got["head.weight"], base_weights["head.weight"])  # training happened
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+    assert max((without[n] - want[n]).abs().max().item() for n in got) > 1e-3
+
+
+# ---------------------------------------------------------------------- the saturated sigmoid
+class SaturatedSigmoid(pl.LightningModule):
+    """Small inputs (in [0, 1)) and small weights (|w| <= 0.3), yet fc1's outputs are about ±115.
+
+    1024 positive inputs times same-signed weights add up; the sigmoid after fc1 is saturated,
+    its gradient is ~exp(-115), and fc1 cannot learn its way out.
+    """
+
+    def __init__(self, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(1024, 16)
+        with torch.no_grad():
+            sign = torch.where(torch.arange(16) % 2 == 0, 1.0, -1.0)[:, None]
+            self.fc1.weight.uniform_(0.15, 0.3).mul_(sign)
+            self.fc1.bias.zero_()
+        self.squash = nn.Sigmoid()
+        self.head = nn.Linear(16, 1)
+        self.weight_decay = weight_decay
+
+    def forward(self, x):
+        return self.head(self.squash(self.fc1(x)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, weight_decay=self.weight_decay)
+
+
+def saturation(model: SaturatedSigmoid, x: torch.Tensor) -> tuple[float, float]:
+    """Share of sigmoid outputs within 0.01 of 0 or 1, and the RMS of fc1's outputs."""
+    with torch.no_grad():
+        pre = model.fc1(x)
+        s = torch.sigmoid(pre)
+        return ((s < 0.01) | (s > 0.99)).float().mean().item(), pre.pow(2).mean().sqrt().item()
+
+
+def test_activity_penalty_unsaturates_the_sigmoid_where_weight_decay_cannot(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(256, 1024, generator=g)
+    y = 20 * (x[:, :512].mean(1, keepdim=True) - x[:, 512:].mean(1, keepdim=True))
+    data = DataLoader(TensorDataset(x, y), batch_size=32)  # 8 steps per epoch
+    results = {}
+    for name, weight_decay, callbacks in (
+        ("plain", 0.0, []),
+        ("weight_decay", 5e-3, []),  # the kernel regularizer, same coefficient
+        ("activity", 0.0, [ActivityRegularizer({"fc1": {"l2": 5e-3}}, log_every_n_steps=8)]),
+    ):
+        torch.manual_seed(0)
+        model = SaturatedSigmoid(weight_decay)
+        before = saturation(model, x)
+        trainer = make_trainer(tmp_path / name, callbacks, max_epochs=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, data)
+        results[name] = (before, saturation(model, x))
+    for before, _ in results.values():
+        assert before[0] == 1.0 and before[1] > 100  # every sigmoid output saturated, |fc1| ~ 115
+    assert results["plain"][1][0] == 1.0  # no gradient reaches fc1 through the saturated sigmoid
+    assert results["weight_decay"][1][0] > 0.99 and results["weight_decay"][1][1] > 100
+    saturated, rms = results["activity"][1]
+    assert saturated < 0.05 and rms < 5
+    # the callback's own log tells the same story, read back with TensorBoard's reader
+    logged = [v for _, v in read_scalars(tmp_path / "activity" / "tb")["watch/activity_rms/fc1"]]
+    assert len(logged) == 3 and logged[0] > 10 * logged[-1] and logged[-1] < 5
