@@ -150,11 +150,15 @@ class Watch(Callback):
         if not steps_optimizer(trainer):
             return
         step = logging_step(trainer)
-        cadence = self.monitors[0]._cadence
-        if cadence.is_histogram_step(step):
-            add_histograms(trainer, {k: v for m in self.monitors for k, v in m._histograms().items()}, step)
-        if cadence.is_log_step(step):
-            self.last_snapshot = publish(trainer, pl_module, self.monitors, self._listeners)
+        # monitors handed in pre-configured may keep their own cadence: each is read when it is due
+        histograms = {}
+        for monitor in self.monitors:
+            if monitor._cadence.is_histogram_step(step):
+                histograms.update(monitor._histograms())
+        add_histograms(trainer, histograms, step)
+        due = [m for m in self.monitors if m._cadence.is_log_step(step)]
+        if due:
+            self.last_snapshot = publish(trainer, pl_module, due, self._listeners)
 
     def state_dict(self) -> dict[str, Any]:
         return {type(m).__name__: m.state_dict() for m in self.monitors}
