@@ -614,3 +614,38 @@ def test_activity_penalty_unsaturates_the_sigmoid_where_weight_decay_cannot(tmp_
     # the callback's own log tells the same story, read back with TensorBoard's reader
     logged = [v for _, v in read_scalars(tmp_path / "activity" / "tb")["watch/activity_rms/fc1"]]
     assert len(logged) == 3 and logged[0] > 10 * logged[-1] and logged[-1] < 5
+
+
+# ---------------------------------------------------------------------- CUDA (skipped without a GPU)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "32-true"])
+def test_cuda_gradients_equal_hand_written_penalty(tmp_path, precision):
+    compare(tmp_path, accelerator="cuda", precision=precision)
+
+
+@cuda
+def test_cuda_penalty_path_never_waits_for_the_device(tmp_path):
+    # Every hook call and every backward's drain runs with CUDA's sync debug mode set to "error":
+    # any host-device synchronization in them (.item(), a host read, a blocking copy) raises.
+    reg = ActivityRegularizer({"encoder.fc2": {"l1": L1, "l2": L2}, "encoder.*": {"l2": 1e-4}}, log_every_n_steps=50)
+    calls = {"penalize": 0, "drain": 0}
+
+    def strict(method, key):
+        def wrapped(*args):
+            calls[key] += 1
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return method(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return wrapped
+
+    reg._penalize = strict(reg._penalize, "penalize")
+    reg._drain = strict(reg._drain, "drain")
+    torch.manual_seed(0)
+    run(Net(), [reg], tmp_path, accelerator="cuda", precision="16-mixed")
+    assert calls == {"penalize": 18, "drain": 6}  # 6 batches x 3 penalized modules; one backward each
