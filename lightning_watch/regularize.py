@@ -248,7 +248,8 @@ class ActivityRegularizer(Callback):
             if sums is None:
                 tensor, batch = select_output(rule, name, module, output)
                 sums = shared[key] = OutputSums(tensor, batch)
-            first = first or sums
+            if first is None:
+                first = sums
             weight = self._weights[r]
             if weight == 0.0:
                 continue  # a schedule at zero: nothing to add (the scale below is still measured)
