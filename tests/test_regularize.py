@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import pickle
 import warnings
 from collections import OrderedDict
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -515,37 +517,62 @@ def final_parameters(model: pl.LightningModule) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["auto", "manual"])
-def test_ddp_two_processes_match_hand_written_penalty(tmp_path, mode):
+def _ddp_worker(rank: int, out: str, port: int) -> None:
+    """One of 2 gloo processes: four fits with Lightning's DDPStrategy, launched externally.
+
+    The processes are started here (as torchrun would) rather than by ``strategy="ddp_spawn"``,
+    so that one start serves four fits; each fit still runs Lightning's DDP strategy (the model
+    wrapped in DistributedDataParallel, a DistributedSampler, one gradient all-reduce per step).
+    """
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    os.environ["NODE_RANK"] = "0"
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        for mode in ("auto", "manual"):
+            torch.manual_seed(0)
+            base = Net(mode=mode)
+            hand = copy.deepcopy(base)
+            hand.penalty = reference_penalty
+            reg = ActivityRegularizer({"encoder.fc2": {"l1": L1, "l2": L2}}, log_every_n_steps=1)
+            for name, model, callbacks in (("callback", base, [reg]), ("hand", hand, [])):
+                trainer = make_trainer(Path(out) / f"{mode}-{name}", callbacks, strategy="ddp", devices=2, logger=False)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    trainer.fit(model, loader(n=32, batch_size=8))  # 2 steps of 2 x 8 samples
+                results[(mode, name)] = final_parameters(model)
+            results[(mode, "logged")] = reg.last_snapshot.get("activity_penalty", "encoder.fc2")
+        if rank == 0:
+            torch.save(results, os.path.join(out, "results.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_hand_written_penalty(tmp_path):
     # Each of 2 gloo processes adds the penalty of its local batch to its own loss, inside its one
     # backward; DDP averages the gradients. The hand-written module does the same by construction.
     # A second backward per step would fail in DDP's reducer or double the penalty.
-    torch.manual_seed(0)
-    base = Net(mode=mode)
-    hand, plain = copy.deepcopy(base), copy.deepcopy(base)
-    hand.penalty = reference_penalty
-    base_weights = final_parameters(base)
-    ddp = {"strategy": "ddp_spawn", "accelerator": "cpu", "devices": 2, "logger": False}
-    for model, callbacks, where in (
-        (base, [ActivityRegularizer({"encoder.fc2": {"l1": L1, "l2": L2}})], "cb"),
-        (hand, [], "hand"),
-    ):
-        trainer = make_trainer(tmp_path / where, callbacks, **ddp)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(model, loader(n=32, batch_size=8))  # 2 steps of 2 x 8 samples
-    got, want = final_parameters(base), final_parameters(hand)
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path), find_free_network_port()), nprocs=2)
+    results = torch.load(tmp_path / "results.pt")
     # Without a penalty, averaging two ranks' mean losses over 8 samples equals one process's mean
     # over the same 16 samples: this single-process run is the DDP run minus the penalty.
+    torch.manual_seed(0)
+    plain = Net()
     trainer = make_trainer(tmp_path / "plain", [], logger=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(plain, loader(n=32, batch_size=16))
     without = final_parameters(plain)
-    assert not torch.equal(got["head.weight"], base_weights["head.weight"])  # training happened
-    for name in got:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
-    assert max((without[n] - want[n]).abs().max().item() for n in got) > 1e-3
+    for mode in ("auto", "manual"):
+        got, want = results[(mode, "callback")], results[(mode, "hand")]
+        for name in got:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+        assert max((without[n] - want[n]).abs().max().item() for n in got) > 1e-3
+        assert results[(mode, "logged")] > 0  # the penalty was read across both processes
 
 
 # ---------------------------------------------------------------------- the saturated sigmoid
