@@ -201,6 +201,13 @@ class ActivityRegularizer(Callback):
         if steps_optimizer(trainer) and self._cadence.is_log_step(logging_step(trainer)):
             self.last_snapshot = self._publish(trainer, pl_module)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a batch can end without `on_train_batch_end` (a module's `on_train_batch_start` returning -1)
+        self._stop_batch()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_batch()
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._uninstall()
@@ -257,7 +264,7 @@ class ActivityRegularizer(Callback):
             pending = self._pending[r]
             self._pending[r] = penalty if pending is None else pending + penalty
         # activation scale: stays on the device until a logging step
-        self._sq_sums[index] += first.sum_sq().detach()
+        self._sq_sums[index] += first.sum_sq_detached()
         self._elements[index] += first.tensor.numel()
 
     def _drain(self) -> Tensor | None:
@@ -297,6 +304,10 @@ class ActivityRegularizer(Callback):
         for listener in self._listeners:
             listener(trainer, pl_module, snapshot)
         return snapshot
+
+    def _stop_batch(self) -> None:
+        self._active = False
+        self._pending = [None] * len(self.rules)
 
     def _reset_window(self) -> None:
         if self._penalty_sums is not None:

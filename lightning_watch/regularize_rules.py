@@ -212,6 +212,13 @@ class OutputSums:
             self._sq = self.wide().pow(2).sum()
         return self._sq
 
+    def sum_sq_detached(self) -> Tensor:
+        """``sum(out**2)`` for measuring only: reuses the penalty's value, or builds no graph."""
+        if self._sq is not None:
+            return self._sq.detach()
+        with torch.no_grad():
+            return self.wide().pow(2).sum()
+
     def sum_abs(self) -> Tensor:
         if self._abs is None:
             self._abs = self.wide().abs().sum()

@@ -676,3 +676,21 @@ def test_cuda_penalty_path_never_waits_for_the_device(tmp_path):
     torch.manual_seed(0)
     run(Net(), [reg], tmp_path, accelerator="cuda", precision="16-mixed")
     assert calls == {"penalize": 18, "drain": 6}  # 6 batches x 3 penalized modules; one backward each
+
+
+def test_manual_optimization_without_manual_backward_warns_and_drops_the_graph(tmp_path):
+    from lightning_watch import WatchWarning
+
+    class RawBackward(Net):
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.loss(batch).backward()  # bypasses Lightning: the penalty cannot be added
+            opt.step()
+
+    torch.manual_seed(0)
+    reg = ActivityRegularizer({"encoder.fc2": {"l2": 1.0}})
+    trainer = make_trainer(tmp_path, [reg], logger=False, max_steps=2)
+    with pytest.warns(WatchWarning, match=r"call `self.manual_backward\(loss\)`"):
+        trainer.fit(RawBackward(mode="manual"), loader())
+    assert all(term is None for term in reg._pending)
