@@ -1,0 +1,182 @@
+"""The capture engine and the monitors never break training: odd modules, teardown, numerics, bad input."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from conftest import TinyRegressor, make_trainer, read_scalars, regression_loader
+from lightning.pytorch import Callback
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from lightning_watch import (
+    ActivationScaleMonitor,
+    DeadUnitMonitor,
+    GradientNormMonitor,
+    ParameterDeltaMonitor,
+    Watch,
+    WatchWarning,
+)
+from lightning_watch.capture import CaptureEngine
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+class CountHooks(Callback):
+    """Records, per batch, how many forward hooks are registered while the batch runs."""
+
+    def __init__(self):
+        self.during = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.during.append(_hook_count(pl_module))
+
+
+def test_two_monitors_share_one_hook_per_module_and_only_on_sampled_steps(tmp_path):
+    torch.manual_seed(0)
+    model = TinyRegressor()
+    counter = CountHooks()
+    monitors = [ActivationScaleMonitor(sample_every_n_steps=2), DeadUnitMonitor(sample_every_n_steps=2)]
+    engines = []
+
+    class Spy(Callback):
+        def on_train_start(self, trainer, pl_module):
+            engines.append(CaptureEngine.for_model(pl_module))
+
+    trainer = make_trainer(tmp_path, [*monitors, counter, Spy()], max_steps=4, log_every_n_steps=4)
+    trainer.fit(model, regression_loader())
+    # activation monitor watches net.0, net.1, net.2; dead-unit monitor net.0, net.1, net.2: 3 hooks, not 6
+    assert counter.during == [0, 3, 0, 3]
+    assert engines[0].hook_calls == 2 * 3  # two sampled batches, one call per module each
+    assert _hook_count(model) == 0
+    assert model not in CaptureEngine._engines
+
+
+def test_watching_never_changes_numerics_and_leaves_a_picklable_model(tmp_path):
+    torch.manual_seed(0)
+    watched = TinyRegressor()
+    plain = copy.deepcopy(watched)
+    make_trainer(tmp_path / "w", [Watch(log_every_n_steps=1, histogram_every_n_steps=2)], max_epochs=2).fit(
+        watched, regression_loader()
+    )
+    make_trainer(tmp_path / "p", [], max_epochs=2).fit(plain, regression_loader())
+    for a, b in zip(watched.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    assert _hook_count(watched) == 0
+    restored = pickle.loads(pickle.dumps(watched))
+    x = torch.randn(5, 4)
+    assert torch.equal(restored(x), plain(x))
+
+
+class DictOut(nn.Module):
+    def forward(self, x):
+        return {"features": x * 2, "aux": None}
+
+
+class NoneOut(nn.Module):
+    def forward(self, x):
+        return None
+
+
+class IntOut(nn.Module):
+    def forward(self, x):
+        return (x > 0).long()
+
+
+class OddModel(TinyRegressor):
+    """LSTM (time-first and batch-first), a packed sequence, attention, a dict, None and ints."""
+
+    def __init__(self):
+        super().__init__(net=nn.Linear(4, 1))
+        self.lstm_tf = nn.LSTM(4, 6)
+        self.lstm_bf = nn.GRU(4, 6, batch_first=True)
+        self.packed = nn.LSTM(4, 6, batch_first=True)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.dict_out, self.none_out, self.int_out = DictOut(), NoneOut(), IntOut()
+        self.head = nn.Linear(6 * 3 + 4, 1)
+
+    def forward(self, x):
+        seq = x.unsqueeze(1).repeat(1, 3, 1)  # (batch, seq, feature)
+        a = self.lstm_tf(seq.transpose(0, 1))[0][-1]
+        b = self.lstm_bf(seq)[0][:, -1]
+        lengths = torch.full((x.shape[0],), 3, dtype=torch.long)
+        c = self.packed(pack_padded_sequence(seq, lengths, batch_first=True))[1][0][-1]
+        d = self.attn(seq, seq, seq)[0][:, -1]
+        self.none_out(x)
+        self.int_out(x)
+        d = d + self.dict_out(x)["features"]
+        return self.head(torch.cat([a, b, c, d], dim=1))
+
+
+def test_odd_outputs_degrade_with_one_warning_each(tmp_path):
+    torch.manual_seed(0)
+    model = OddModel()
+    monitor = Watch(include=["lstm_tf", "lstm_bf", "packed", "attn", "dict_out", "none_out", "int_out", "head"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(tmp_path, [monitor], max_steps=6, log_every_n_steps=2)
+        trainer.fit(model, regression_loader())
+    ours = [str(w.message) for w in caught if issubclass(w.category, WatchWarning)]
+    assert len([m for m in ours if "'none_out'" in m]) == 1  # once, not once per sampled step
+    assert len([m for m in ours if "'int_out'" in m and "int64" in m]) == 1
+    scalars = read_scalars(trainer.logger.log_dir)
+    for name in ("lstm_tf", "lstm_bf", "packed", "attn", "dict_out", "head"):
+        assert f"watch/act_rms/{name}" in scalars, name
+    assert "watch/act_rms/none_out" not in scalars and "watch/act_rms/int_out" not in scalars
+    assert _hook_count(model) == 0
+
+
+def test_a_failing_statistic_disables_that_module_not_the_run(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = TinyRegressor()
+
+    def boom(self, index, captured):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(ActivationScaleMonitor, "consume", boom)
+    with pytest.warns(WatchWarning, match="kaboom"):
+        make_trainer(tmp_path, [ActivationScaleMonitor()], max_steps=3).fit(model, regression_loader())
+    assert _hook_count(model) == 0
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: Watch(log_every_n_steps=0), r"`log_every_n_steps` must be a positive integer or None, got 0"),
+        (lambda: Watch(sample_every_n_steps=-3), r"`sample_every_n_steps` must be .* got -3"),
+        (lambda: GradientNormMonitor(histogram_every_n_steps=2.5), r"`histogram_every_n_steps` must be .* got 2.5"),
+        (lambda: GradientNormMonitor(per_parameter="yes"), r"`per_parameter` must be True or False, got 'yes'"),
+        (lambda: ActivationScaleMonitor(saturation_margin=0.7), r"`saturation_margin` must be a number in \(0, 0.5\)"),
+        (lambda: DeadUnitMonitor(types=["Lienar"]), r"`types` entry 'Lienar' is not a class in torch.nn"),
+        (lambda: DeadUnitMonitor(types=["no.such.Module"]), r"`types` entry 'no.such.Module' could not be imported"),
+        (lambda: DeadUnitMonitor(types=[int]), r"must be a subclass of torch.nn.Module"),
+        (lambda: ParameterDeltaMonitor(include=["fc", 3]), r"`include` must be a glob string or a list of them"),
+        (lambda: Watch(gradients=False, deltas=False, activations=False, dead_units=False), r"at least one monitor"),
+        (lambda: Watch(gradients=DeadUnitMonitor()), r"`gradients` must be True, False or a GradientNormMonitor"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+def test_a_pattern_matching_nothing_fails_at_fit_start_naming_it(tmp_path):
+    trainer = make_trainer(tmp_path, [GradientNormMonitor(include="encoder.*")], max_steps=1)
+    with pytest.raises(ValueError, match=r"`include` pattern 'encoder.\*' matches no module .*'net.0'"):
+        trainer.fit(TinyRegressor(), regression_loader())
+
+
+def test_selection_by_glob_type_name_and_exclude(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    by_type = ActivationScaleMonitor(types=["torch.nn.Tanh", nn.ReLU])
+    by_glob = GradientNormMonitor(include="net.*", exclude="net.4")
+    make_trainer(tmp_path, [by_type, by_glob], max_steps=1).fit(TinyRegressor(net=net), regression_loader())
+    assert by_type.module_names == ["net.1", "net.3"]
+    assert by_glob.module_names == ["net.0", "net.1", "net.2", "net.3"]
