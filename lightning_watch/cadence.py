@@ -56,6 +56,9 @@ class Cadence:
         histogram_every_n_steps: int | None = None,
     ) -> Cadence:
         log = log_every_n_steps or max(1, int(trainer.log_every_n_steps or 1))
+        if trainer.fast_dev_run:
+            # a dev run exists to exercise every code path on a few batches: ours included
+            log = sample_every_n_steps = 1
         # Default: five samples per logging window, so dead-unit windows see several batches while
         # most batches run with no hook at all (measured: benchmarks/overhead.py).
         sample = sample_every_n_steps or max(1, log // 5)

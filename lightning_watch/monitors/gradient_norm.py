@@ -82,6 +82,8 @@ class GradientNormMonitor(WatchMonitor):
         self._module_sq: Tensor | None = None
         self._module_nonfinite: Tensor | None = None
         self._module_count: Tensor | None = None
+        self._global_nonfinite: Tensor | None = None
+        self._measured: set[int] = set()  # ids of parameters measured in this logging batch
         self._global_sq: Tensor | None = None
         self._clipped_sq: Tensor | None = None
         self._param_norms: dict[str, Tensor] = {}
@@ -108,8 +110,25 @@ class GradientNormMonitor(WatchMonitor):
             self._grads_for_histogram.update(
                 {f"watch_hist/grad/{names[id(p)]}": p.grad.detach().clone() for p in params if id(p) in names}
             )
-        if not due_log or not params:
+        if not due_log:
             return
+        params = [p for p in params if id(p) not in self._measured]
+        self._measure(params, in_global=True)
+
+    def _on_step_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        if not self._cadence.is_log_step(step) or self._table is None:
+            return
+        # Gradients no optimizer stepped in this batch (a parameter outside every optimizer, or a
+        # forgotten `opt.step()` in manual optimization) are still shown per module: "gradients
+        # arrive but the weights do not move" is exactly what the user needs to see.
+        stragglers = [p for _, _, p in self._table.trainable() if p.grad is not None and id(p) not in self._measured]
+        self._measure(stragglers, in_global=False)
+        self._measured = set()
+
+    def _measure(self, params: Sequence[Tensor], in_global: bool) -> None:
+        if not params:
+            return
+        self._measured.update(id(p) for p in params)
         grads = [p.grad for p in params]
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
         module_sq = self._table.per_module_squares(params, norms, self._device)
@@ -117,14 +136,13 @@ class GradientNormMonitor(WatchMonitor):
         nonfinite = torch.stack([nonfinite_count(g) for g in grads])
         index = self._table.group_index(params, self._device)
         zeros = torch.zeros(self._table.num_modules + 1, device=self._device)
-        module_nonfinite = zeros.index_add(0, index, nonfinite)
-        module_count = zeros.index_add(0, index, torch.ones_like(nonfinite))
-        global_sq = torch.stack(norms).square().sum()
         # several optimizers in one batch (manual optimization) add up
         self._module_sq = _add(self._module_sq, module_sq)
-        self._module_nonfinite = _add(self._module_nonfinite, module_nonfinite)
-        self._module_count = _add(self._module_count, module_count)
-        self._global_sq = _add(self._global_sq, global_sq)
+        self._module_nonfinite = _add(self._module_nonfinite, zeros.index_add(0, index, nonfinite))
+        self._module_count = _add(self._module_count, zeros.index_add(0, index, torch.ones_like(nonfinite)))
+        if in_global:
+            self._global_sq = _add(self._global_sq, torch.stack(norms).square().sum())
+            self._global_nonfinite = _add(self._global_nonfinite, nonfinite.sum())
         if self.per_parameter:
             names = {id(p): name for _, name, p in self._table.entries}
             self._param_norms.update({names[id(p)]: n for p, n in zip(params, norms) if id(p) in names})
@@ -155,8 +173,8 @@ class GradientNormMonitor(WatchMonitor):
         add(self._key("module_nonfinite"), nonfinite[:m])
         block.add_max(self._key("module_count"), _or(self._module_count, zeros)[:m])
         add(self._key("global_sq"), _or(self._global_sq, zeros[0]))
-        add(self._key("global_nonfinite"), nonfinite.sum())
-        block.add_max(self._key("measured"), zeros[0] + (self._global_sq is not None))
+        add(self._key("global_nonfinite"), _or(self._global_nonfinite, zeros[0]))
+        block.add_max(self._key("stepped"), zeros[0] + (self._global_sq is not None))
         if self._clipping:
             add(self._key("clipped_sq"), _or(self._clipped_sq, zeros[0] + math.nan))
         if self.per_parameter:
@@ -167,8 +185,6 @@ class GradientNormMonitor(WatchMonitor):
         return block
 
     def _finalize(self, values: dict[str, Any], snapshot: Snapshot) -> None:
-        if not values[self._key("measured")]:
-            return  # no optimizer step ran in this logging batch
         rows = zip(
             self._table.module_names,
             values[self._key("module_sq")],
@@ -179,8 +195,9 @@ class GradientNormMonitor(WatchMonitor):
             if count:
                 snapshot.put("grad_norm", math.sqrt(sq), name)
                 snapshot.put("grad_nonfinite", bad, name)
-        snapshot.put("grad_norm", math.sqrt(values[self._key("global_sq")]))
-        snapshot.put("grad_nonfinite", values[self._key("global_nonfinite")])
+        if values[self._key("stepped")]:  # global values exist only if an optimizer stepped
+            snapshot.put("grad_norm", math.sqrt(values[self._key("global_sq")]))
+            snapshot.put("grad_nonfinite", values[self._key("global_nonfinite")])
         clipped = values.get(self._key("clipped_sq"), math.nan)
         if not math.isnan(clipped):
             snapshot.put("grad_norm_clipped", math.sqrt(clipped))
