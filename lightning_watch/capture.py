@@ -89,6 +89,8 @@ def is_compiled(model: nn.Module) -> bool:
     Hooks added or removed after compilation are either ignored by the compiled graph or force a
     recompilation (pytorch/pytorch#117758), so the engine does not capture outputs of such models.
     """
+    if getattr(model, "_compiler_ctx", None):  # Lightning unwrapped `torch.compile(model)` for us
+        return True
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             return True
@@ -178,6 +180,14 @@ class CaptureEngine:
     def arm(self, subscriber: OutputSubscriber) -> None:
         """Deliver outputs to ``subscriber`` until :meth:`disarm`; registers missing hooks."""
         if self.compiled:
+            warn_once(
+                ("compiled", id(self)),
+                "lightning_watch: the model runs through torch.compile. Forward hooks added after "
+                "compilation are ignored by the compiled graph or force a recompilation "
+                "(pytorch/pytorch#117758), so module outputs are not captured: activation statistics "
+                "and the output-based dead-unit counts of rectifier modules are off. Gradient norms, "
+                "parameter deltas and gradient-based dead units of Linear/Conv layers still work.",
+            )
             return
         for index, info in enumerate(self._subscriptions.get(subscriber, ())):
             if info.module in self._disabled:

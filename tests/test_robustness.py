@@ -180,3 +180,23 @@ def test_selection_by_glob_type_name_and_exclude(tmp_path):
     make_trainer(tmp_path, [by_type, by_glob], max_steps=1).fit(TinyRegressor(net=net), regression_loader())
     assert by_type.module_names == ["net.1", "net.3"]
     assert by_glob.module_names == ["net.0", "net.1", "net.2", "net.3"]
+
+
+def test_compiled_model_keeps_gradient_statistics_and_warns_once_about_outputs(tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyRegressor()
+    model.compile(backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(tmp_path, [Watch(log_every_n_steps=2, sample_every_n_steps=1)], max_steps=6)
+        trainer.fit(model, regression_loader(n=128))
+    ours = [str(w.message) for w in caught if issubclass(w.category, WatchWarning)]
+    assert len(ours) == 1 and "torch.compile" in ours[0] and "activation statistics" in ours[0]
+    scalars = read_scalars(trainer.logger.log_dir)
+    assert len(scalars["watch/grad_norm/net.0"]) == 3 and len(scalars["watch/update_ratio/net.0"]) == 3
+    assert "watch/dead_frac/net.0" in scalars  # gradient criterion needs no hook
+    assert not any(tag.startswith("watch/act_") for tag in scalars)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation per step
