@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_watch.monitors._base import WatchMonitor, strategy_shards_parameters
+from lightning_watch.selection import owns_parameters
 from lightning_watch.stats import group_norms
 
 
@@ -58,3 +61,20 @@ class ParameterTable:
         """Squared L2 norm per watched module from per-parameter norms (last slot: unwatched)."""
         index = self.group_index(params, device)
         return group_norms(norms, index, self.num_modules + 1).square_()
+
+
+class ParameterMonitor(WatchMonitor):
+    """Base of the monitors that read parameters and their gradients (not module outputs).
+
+    Default selection: every module that registers parameters itself.
+    """
+
+    _table: ParameterTable | None = None
+    _sharded = False
+
+    def _default_module(self, module: nn.Module) -> bool:
+        return owns_parameters(module)
+
+    def _on_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._table = ParameterTable(self._modules)
+        self._sharded = strategy_shards_parameters(trainer)

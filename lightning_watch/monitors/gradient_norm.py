@@ -8,18 +8,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_watch.cadence import logging_step
-from lightning_watch.monitors._base import WatchMonitor, strategy_shards_parameters
-from lightning_watch.monitors._params import ParameterTable
-from lightning_watch.selection import owns_parameters
+from lightning_watch.monitors._params import ParameterMonitor
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, nonfinite_count
 
 
-class GradientNormMonitor(WatchMonitor):
+class GradientNormMonitor(ParameterMonitor):
     """Logs the L2 norm of the gradients of each watched module and of the whole model.
 
     Gradients are measured in ``on_before_optimizer_step``: once per optimizer step (after
@@ -53,20 +51,12 @@ class GradientNormMonitor(WatchMonitor):
         if not isinstance(per_parameter, bool):
             raise ValueError(f"`per_parameter` must be True or False, got {per_parameter!r}.")
         self.per_parameter = per_parameter
-        self._table: ParameterTable | None = None
         self._post_hooks: list = []
         self._clipping = False
         self._reset_buffers()
 
-    def _default_module(self, module: nn.Module) -> bool:
-        return owns_parameters(module)
-
-    def _on_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._table = ParameterTable(self._modules)
-
     def _on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._clipping = bool(trainer.gradient_clip_val) and pl_module.automatic_optimization
-        self._sharded = strategy_shards_parameters(trainer)
         self._post_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
         self._reset_buffers()
         self._trainer = trainer

@@ -11,14 +11,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_watch.cadence import logging_step
-from lightning_watch.monitors._base import WatchMonitor, strategy_shards_parameters
-from lightning_watch.monitors._params import ParameterTable
-from lightning_watch.selection import owns_parameters
+from lightning_watch.monitors._params import ParameterMonitor
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock
 
 
-class ParameterDeltaMonitor(WatchMonitor):
+class ParameterDeltaMonitor(ParameterMonitor):
     """Logs ‖ΔW‖, ‖ΔW‖/‖W‖ and ‖W‖ per watched module: "are my weights changing at all?".
 
     On a logging step the trainable parameters of the watched modules are copied right before
@@ -55,17 +53,9 @@ class ParameterDeltaMonitor(WatchMonitor):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._table: ParameterTable | None = None
         self._clear()
 
-    def _default_module(self, module: nn.Module) -> bool:
-        return owns_parameters(module)
-
-    def _on_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._table = ParameterTable(self._modules)
-
     def _on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sharded = strategy_shards_parameters(trainer)
         self._clear()
 
     def _on_teardown(self) -> None:
