@@ -156,7 +156,13 @@ class CaptureEngine:
             producers.setdefault(module, last)
             if owns_parameters(module):
                 last = module
-        return [ModuleInfo(name, module, _bounds_of(module), producers.get(module)) for name, module in named]
+        # an activation registered before every parametrized layer (`self.act = nn.ReLU()` first
+        # in `__init__`, then reused after each layer) takes the layout of the first such layer
+        first = next((module for module in producers if owns_parameters(module)), None)
+        return [
+            ModuleInfo(name, module, _bounds_of(module), _first_not_none(producers.get(module), first))
+            for name, module in named
+        ]
 
     def subscribe(self, subscriber: OutputSubscriber, named: Iterable[tuple[str, nn.Module]]) -> list[ModuleInfo]:
         """Register ``subscriber`` for the outputs of ``named`` modules; returns their infos."""
@@ -237,6 +243,10 @@ class CaptureEngine:
                 )
 
         return hook
+
+
+def _first_not_none(*modules: nn.Module | None) -> nn.Module | None:
+    return next((module for module in modules if module is not None), None)
 
 
 def _bounds_of(module: nn.Module) -> tuple[float, float] | None:

@@ -49,6 +49,8 @@ def _as_list(value: str | Iterable[str] | None, arg: str) -> list[str]:
         return []
     if isinstance(value, str):
         return [value]
+    if not isinstance(value, Iterable):
+        raise ValueError(f"`{arg}` must be a glob string or a list of them, got {value!r}.")
     items = list(value)
     for item in items:
         if not isinstance(item, str) or not item:
@@ -122,11 +124,24 @@ class ModuleSelection:
         """Validate user arguments (at construction time) and build a selection."""
         if types is not None and (isinstance(types, (str, type))):
             types = [types]
+        if types is not None and not isinstance(types, Iterable):
+            raise ValueError(f"`types` must be a module class, its name, or a list of them, got {types!r}.")
         return cls(
             include=tuple(_as_list(include, "include")),
             exclude=tuple(_as_list(exclude, "exclude")),
             types=tuple(resolve_type(t) for t in (types or ())),
         )
+
+    def check_types(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` naming a ``types`` entry that matches no module of ``model``."""
+        present = {type(module) for name, module in model.named_modules() if name}
+        for cls in self.types:
+            if not any(issubclass(kind, cls) for kind in present):
+                names = ", ".join(sorted(kind.__name__ for kind in present))
+                raise ValueError(
+                    f"`types` entry {cls.__name__!r} matches no module of {type(model).__name__}. "
+                    f"Types present: {names}"
+                )
 
     def resolve(self, model: nn.Module, default) -> list[tuple[str, nn.Module]]:
         """Return ``(qualified_name, module)`` pairs in registration order.
@@ -136,19 +151,20 @@ class ModuleSelection:
             default: predicate ``module -> bool`` used when neither ``include`` nor ``types`` is given.
 
         Raises:
-            ValueError: if an ``include`` pattern matches no module, naming the pattern and some
-                available names.
+            ValueError: if an ``include`` or ``exclude`` pattern matches no module, naming the
+                pattern and some available names.
         """
         named = [(name, module) for name, module in model.named_modules() if name]
-        if self.include or self.types:
-            for pattern in self.include:
+        sample = ", ".join(repr(name) for name, _ in named[:12]) + (" …" if len(named) > 12 else "")
+        # a typo in any pattern would otherwise silently watch the wrong set of modules
+        for arg, patterns in (("include", self.include), ("exclude", self.exclude)):
+            for pattern in patterns:
                 if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in named):
-                    sample = ", ".join(repr(name) for name, _ in named[:12])
-                    more = " …" if len(named) > 12 else ""
                     raise ValueError(
-                        f"`include` pattern {pattern!r} matches no module of {type(model).__name__}. "
-                        f"Available names: {sample}{more}"
+                        f"`{arg}` pattern {pattern!r} matches no module of {type(model).__name__}. "
+                        f"Available names: {sample}"
                     )
+        if self.include or self.types:
             chosen = [
                 (name, module)
                 for name, module in named

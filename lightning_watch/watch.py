@@ -130,6 +130,10 @@ class Watch(Callback):
         for monitor in self.monitors:
             monitor.teardown(trainer, pl_module, stage)
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        for monitor in self.monitors:
+            monitor.on_exception(trainer, pl_module, exception)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:

@@ -133,6 +133,7 @@ class WatchMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._selection.check_types(pl_module)
         self._modules = self._selection.resolve(pl_module, self._default_module)
         self._cadence = Cadence.resolve(
             trainer, self._log_every_n_steps, self._sample_every_n_steps, self._histogram_every_n_steps
@@ -157,6 +158,11 @@ class WatchMonitor(Callback):
             self._engine.unsubscribe(self)
             self._engine = None
         self._on_teardown()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning does not call `teardown` on callbacks after an exception: without this, a
+        # crash in the user's code would leave our hooks on their model (and it would not pickle)
+        self.teardown(trainer, pl_module, "fit")
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
