@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from lightning_watch.cadence import logging_step
 from lightning_watch.monitors._params import ParameterMonitor
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, nonfinite_count
+from lightning_watch.stats import StatBlock, l2_norms, nonfinite_count
 
 
 class GradientNormMonitor(ParameterMonitor):
@@ -120,7 +120,7 @@ class GradientNormMonitor(ParameterMonitor):
             return
         self._measured.update(id(p) for p in params)
         grads = [p.grad for p in params]
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        norms = l2_norms(grads)
         module_sq = self._table.per_module_squares(params, norms, self._device)
         # counting non-finite values is a pass per tensor; it runs on logging steps only
         nonfinite = torch.stack([nonfinite_count(g) for g in grads])
@@ -145,7 +145,7 @@ class GradientNormMonitor(ParameterMonitor):
         if not params:
             return
         # the step does not touch .grad, so what is left there is what clipping produced
-        norms = torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float32)
+        norms = l2_norms([p.grad for p in params])
         self._clipped_sq = _add(self._clipped_sq, torch.stack(norms).square().sum())
 
     # ------------------------------------------------------------------ publication

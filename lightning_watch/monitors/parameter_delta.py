@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from lightning_watch.cadence import logging_step
 from lightning_watch.monitors._params import ParameterMonitor
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock
+from lightning_watch.stats import StatBlock, l2_norms
 
 
 class ParameterDeltaMonitor(ParameterMonitor):
@@ -96,8 +96,8 @@ class ParameterDeltaMonitor(ParameterMonitor):
             self._result = (zeros, zeros, zeros)
         else:
             deltas = torch._foreach_sub(after, self._before)
-            delta_norms = torch._foreach_norm(deltas, 2, dtype=torch.float32)
-            before_norms = torch._foreach_norm(self._before, 2, dtype=torch.float32)
+            delta_norms = l2_norms(deltas)
+            before_norms = l2_norms(self._before)
             params = [p for _, _, p in self._entries]
             update_sq = self._table.per_module_squares(params, delta_norms, self._device)
             param_sq = self._table.per_module_squares(params, before_norms, self._device)

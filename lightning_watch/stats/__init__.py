@@ -7,6 +7,7 @@ from lightning_watch.stats.kernels import (
     alive_units,
     grad_rows_alive,
     group_norms,
+    l2_norms,
     moments,
     nonfinite_count,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "alive_units",
     "grad_rows_alive",
     "group_norms",
+    "l2_norms",
     "moments",
     "nonfinite_count",
     "read_blocks",

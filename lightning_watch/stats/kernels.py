@@ -6,6 +6,7 @@ the device; the one host transfer happens when a monitor reads its accumulators.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -15,10 +16,30 @@ from torch import Tensor
 MOMENT_FIELDS = ("sum", "sum_sq", "nonfinite", "saturated")
 
 
+def reduction_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """float32 for reductions of half, bfloat16 and float32 inputs; float64 if one input is float64.
+
+    Reductions may widen their input but never narrow it (``torch.linalg.vector_norm`` refuses
+    ``dtype=torch.float32`` on a float64 tensor), and a float64 model (``precision="64-true"``)
+    deserves float64 statistics.
+    """
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def l2_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """One 0-d L2 norm per tensor, in one fused call, in :func:`reduction_dtype` precision.
+
+    Example:
+        >>> [n.item() for n in l2_norms([torch.tensor([3.0, 4.0]), torch.ones(4, dtype=torch.float64)])]
+        [5.0, 2.0]
+    """
+    return list(torch._foreach_norm(list(tensors), 2, dtype=reduction_dtype(tensors)))
+
+
 class Moments(NamedTuple):
     """Raw statistics of one tensor: ``summed`` adds across calls, ``high``/``low`` take extremes."""
 
-    summed: Tensor  # (3,) or (4,) float32: MOMENT_FIELDS, without "saturated" when unbounded
+    summed: Tensor  # (3,) or (4,) float32 (float64 input: float64): MOMENT_FIELDS, "saturated" only if bounded
     high: Tensor  # 0-d max
     low: Tensor  # 0-d min
     count: int  # number of elements (a host number: it costs no device work)
@@ -65,14 +86,15 @@ def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float 
         (1.0, 3)
     """
     xf = x.detach()
-    total = xf.sum(dtype=torch.float32)
-    norm = torch.linalg.vector_norm(xf, 2, dtype=torch.float32)
+    dtype = reduction_dtype([xf])
+    total = xf.sum(dtype=dtype)
+    norm = torch.linalg.vector_norm(xf, 2, dtype=dtype)
     high, low = _max_min(xf)
-    parts = [total, norm * norm, nonfinite_count(xf)]
+    parts = [total, norm * norm, nonfinite_count(xf).to(dtype)]
     if bounds is not None:
         lo, hi = bounds
         edge = margin * (hi - lo)
-        parts.append(((xf <= lo + edge) | (xf >= hi - edge)).sum(dtype=torch.float32))
+        parts.append(((xf <= lo + edge) | (xf >= hi - edge)).sum(dtype=dtype))
     return Moments(torch.stack(parts), high, low, xf.numel())
 
 
