@@ -1,0 +1,399 @@
+"""What does watching cost? Step-time ratios against a bare run, measured side by side in one process.
+
+Every workload trains with a real ``lightning.pytorch.Trainer`` on synthetic in-memory data. One
+*round* runs the bare configuration and every other configuration once each, in a shuffled order,
+with fresh models of the same seed; the ratio of a configuration is its median step time over
+the bare run's median step time *of the same round*, so slow drifts of a shared machine cancel.
+The table reports the median ratio over rounds with its min–max. Step time is measured from one
+``on_train_batch_start`` to the next (the whole iteration: data, forward, backward, optimizer,
+every callback, logging), warm-up steps excluded. Logging steps are reported apart.
+
+Configurations:
+    bare            no callback
+    grad, delta,    each lightning_watch monitor alone
+    act, dead
+    watch           ``Watch()``: the default, the row the budget is about
+    watch_hist      ``Watch(histogram_every_n_steps=<log interval>)``
+    docs_recipe     Lightning's docs recipe: ``self.log_dict(grad_norm(self, 2))`` on every step
+    item_hooks      hand-written forward hooks, one ``.item()`` per module per step
+
+Usage:
+    python benchmarks/overhead.py                       # all workloads, default budget table
+    python benchmarks/overhead.py --workloads mlp --rounds 5 --markdown
+    python benchmarks/overhead.py --device cuda         # also checks zero host syncs off logging steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import grad_norm
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lightning_watch import (
+    ActivationScaleMonitor,
+    DeadUnitMonitor,
+    GradientNormMonitor,
+    ParameterDeltaMonitor,
+    Watch,
+)
+
+# ----------------------------------------------------------------------------- workloads
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+        nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10),
+    )  # fmt: skip
+
+
+def cnn() -> nn.Module:
+    layers: list[nn.Module] = []
+    channels = 3
+    for out in (16, 16, 32, 32):
+        layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+        channels = out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+class Transformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 128)
+        layer = nn.TransformerEncoderLayer(128, 4, 256, batch_first=True, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 16)
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+class LSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(16, 128, num_layers=2, batch_first=True)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 16)
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+#: name -> (model factory, sample shape, batch size, budget from issue 7 at log_every_n_steps=50)
+WORKLOADS = {
+    "mlp": (mlp, (784,), 256, 0.03),
+    "cnn": (cnn, (3, 32, 32), 32, 0.03),
+    "transformer": (Transformer, (32, 16), 32, 0.05),
+    "lstm": (LSTM, (32, 16), 32, 0.05),
+}
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, net: nn.Module, docs_recipe: bool = False) -> None:
+        super().__init__()
+        self.net = net
+        self.docs_recipe = docs_recipe
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.docs_recipe:  # https://lightning.ai/docs/pytorch/stable/debug/debugging_intermediate.html
+            self.log_dict(grad_norm(self, norm_type=2))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
+
+
+class ItemHooks(pl.Callback):
+    """What users write by hand: a forward hook per module taking ``.item()`` of its output every step."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.values: dict[str, float] = {}
+        self.handles = [
+            m.register_forward_hook(self._hook(name))
+            for name, m in pl_module.named_modules()
+            if name and next(m.parameters(recurse=False), None) is not None
+        ]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if module.training:
+                self.values[name] = out.detach().float().abs().mean().item()  # a host sync per module
+
+        return hook
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer._logger_connector.should_update_logs:
+            pl_module.log_dict({f"act/{k}": v for k, v in self.values.items()})
+
+    def teardown(self, trainer, pl_module, stage):
+        for handle in self.handles:
+            handle.remove()
+
+
+def make_callbacks(config: str, log_every: int) -> list[pl.Callback]:
+    return {
+        "bare": [],
+        "grad": [GradientNormMonitor()],
+        "delta": [ParameterDeltaMonitor()],
+        "act": [ActivationScaleMonitor()],
+        "dead": [DeadUnitMonitor()],
+        "watch": [Watch()],
+        "watch_hist": [Watch(histogram_every_n_steps=log_every)],
+        "docs_recipe": [],
+        "item_hooks": [ItemHooks()],
+    }[config]
+
+
+CONFIGS = ("bare", "grad", "delta", "act", "dead", "watch", "watch_hist", "docs_recipe", "item_hooks")
+
+# ----------------------------------------------------------------------------- measurement
+
+
+class StepTimer(pl.Callback):
+    """Wall time from one batch start to the next: the whole training iteration."""
+
+    def __init__(self, device: torch.device, log_every: int) -> None:
+        self.device, self.log_every = device, log_every
+        self.starts: list[float] = []
+        self.is_log: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # attribute GPU work to the step that queued it
+        self.starts.append(time.perf_counter())
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.is_log.append((step + 1) % self.log_every == 0)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.starts.append(time.perf_counter())
+
+    def step_times(self, warmup: int) -> tuple[list[float], list[float]]:
+        """(non-logging step times, logging step times) after warm-up."""
+        times = [b - a for a, b in zip(self.starts, self.starts[1:])]
+        plain = [t for t, log in zip(times[warmup:], self.is_log[warmup:]) if not log]
+        logged = [t for t, log in zip(times[warmup:], self.is_log[warmup:]) if log]
+        if not plain:  # log_every_n_steps=1: every step logs, and that is what is compared
+            plain, logged = logged, []
+        return plain, logged
+
+
+class SyncProbe(pl.Callback):
+    """CUDA only: turn synchronizing calls into errors on non-logging steps."""
+
+    def __init__(self, log_every: int) -> None:
+        self.log_every = log_every
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if batch_idx >= 2 and (step + 1) % self.log_every != 0:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, *args):
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@dataclass
+class Run:
+    plain: list[float]
+    logged: list[float]
+    peak_bytes: int | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.plain)
+
+
+@dataclass
+class Result:
+    ratios: list[float] = field(default_factory=list)
+    log_extra_ms: list[float] = field(default_factory=list)
+    drift: list[float] = field(default_factory=list)
+    peak_ratio: list[float] = field(default_factory=list)
+    bare_ms: list[float] = field(default_factory=list)
+
+
+def make_data(workload: str, steps: int, device: torch.device) -> DataLoader:
+    _, shape, batch, _ = WORKLOADS[workload]
+    g = torch.Generator().manual_seed(0)
+    n = min(steps, 64) * batch  # the loader cycles epochs: memory stays small
+    x = torch.randn(n, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (n,), generator=g).to(device)
+    # shuffled, like a healthy run: an unshuffled loader is itself a pathology the alerts report
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+def run_once(workload: str, config: str, steps: int, log_every: int, device: torch.device, data, logdir: str) -> Run:
+    factory = WORKLOADS[workload][0]
+    torch.manual_seed(0)
+    model = Classifier(factory(), docs_recipe=config == "docs_recipe")
+    timer = StepTimer(device, log_every)
+    callbacks = [*make_callbacks(config, log_every), timer]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(
+            accelerator=device.type if device.type != "cuda" else "gpu",
+            devices=1,
+            max_steps=steps,
+            log_every_n_steps=log_every,
+            logger=pl.loggers.TensorBoardLogger(logdir, name=f"{workload}_{config}"),
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(model, data)
+    plain, logged = timer.step_times(warmup=min(20, steps // 4))
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return Run(plain, logged, peak)
+
+
+def bench_workload(workload: str, configs: list[str], args, device: torch.device) -> dict[str, Result]:
+    data = make_data(workload, args.steps, device)
+    results = {c: Result() for c in configs if c != "bare"}
+    rng = random.Random(0)
+    for _ in range(args.rounds):
+        order = list(configs)
+        rng.shuffle(order)  # A/B/A/B in a different order each round
+        runs = {c: run_once(workload, c, args.steps, args.log_every, device, data, args.logdir) for c in order}
+        bare = runs["bare"]
+        for config, result in results.items():
+            run = runs[config]
+            result.ratios.append(run.median / bare.median)
+            result.bare_ms.append(bare.median * 1e3)
+            if run.logged and bare.logged:
+                result.log_extra_ms.append((statistics.median(run.logged) - statistics.median(bare.logged)) * 1e3)
+            third = len(run.plain) // 3
+            if third:
+                result.drift.append(statistics.median(run.plain[-third:]) / statistics.median(run.plain[:third]))
+            if run.peak_bytes and bare.peak_bytes:
+                result.peak_ratio.append(run.peak_bytes / bare.peak_bytes)
+    return results
+
+
+def check_no_sync(workload: str, args, device: torch.device) -> str:
+    if device.type != "cuda":
+        return "n/a (CPU)"
+    data = make_data(workload, 60, device)
+    factory = WORKLOADS[workload][0]
+    torch.manual_seed(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl.Trainer(
+                accelerator="gpu", devices=1, max_steps=60, log_every_n_steps=args.log_every,
+                logger=pl.loggers.TensorBoardLogger(args.logdir, name=f"{workload}_sync"),
+                callbacks=[Watch(), SyncProbe(args.log_every)], enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False,
+            ).fit(Classifier(factory()), data)  # fmt: skip
+        return "0 syncs"
+    except RuntimeError as err:
+        return f"SYNC: {str(err).splitlines()[0][:80]}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt_ratio(values: list[float]) -> str:
+    if not values:
+        return "–"
+    return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def describe_machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
+    return (
+        f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}, lightning {pl.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=120, help="training steps per run (warm-up: min(20, steps/4))")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions; each runs every configuration once")
+    parser.add_argument("--log-every", type=int, default=50, help="Trainer(log_every_n_steps=...)")
+    parser.add_argument("--every-step", action="store_true", help="add the log_every_n_steps=1 comparison")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--logdir", default="/tmp/lightning_watch_bench")
+    parser.add_argument("--markdown", action="store_true", help="print the README table only")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    configs = ["bare", *[c for c in args.configs if c != "bare"]]
+    print(f"# lightning_watch overhead — {describe_machine(device)}", flush=True)
+    print(
+        f"# steps={args.steps} rounds={args.rounds} log_every_n_steps={args.log_every}; "
+        "ratio = median step time / bare median step time of the same round: median (min–max)",
+        flush=True,
+    )
+    rows = []
+    for workload in args.workloads:
+        results = bench_workload(workload, configs, args, device)
+        sync = check_no_sync(workload, args, device)
+        for config, result in results.items():
+            rows.append((workload, args.log_every, config, result, sync if config == "watch" else ""))
+            if not args.markdown:
+                print(f"{workload:12s} {config:12s} {fmt_ratio(result.ratios)}", flush=True)
+        if args.every_step:
+            every = argparse.Namespace(**{**vars(args), "log_every": 1})
+            for config, result in bench_workload(workload, ["bare", "watch", "item_hooks"], every, device).items():
+                rows.append((workload, 1, config, result, ""))
+                if not args.markdown:
+                    print(f"{workload:12s} {config:12s} (every step) {fmt_ratio(result.ratios)}", flush=True)
+
+    print()
+    print("| workload | log every | configuration | step-time ratio vs bare | budget | logging step, extra ms | "
+          "late/early steps | peak memory ratio | host syncs off logging steps |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for workload, every, config, result, sync in rows:
+        budget = WORKLOADS[workload][3]
+        if device.type == "cuda":
+            budget = 0.02
+        verdict = ""
+        if config == "watch" and every == args.log_every and result.ratios:
+            verdict = "✅" if statistics.median(result.ratios) <= 1 + budget else "❌"
+            verdict = f"≤ {1 + budget:.2f} {verdict}"
+        extra = f"{statistics.median(result.log_extra_ms):+.1f}" if result.log_extra_ms else "–"
+        print(
+            f"| {workload} (bare {statistics.median(result.bare_ms):.1f} ms) | {every} | {config} | "
+            f"{fmt_ratio(result.ratios)} | {verdict} | {extra} | {fmt_ratio(result.drift)} | "
+            f"{fmt_ratio(result.peak_ratio)} | {sync} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
