@@ -1,0 +1,346 @@
+"""Distributed setups: DDP with 2 gloo processes on CPU, and the sharded (FSDP-like) reduction path.
+
+One externally launched 2-process group (as torchrun would start it) runs every fit of this file
+with Lightning's ``strategy="ddp"``: one start serves all fits, and no ``ddp_spawn`` exit aborts.
+Each rank gets different data (a ``DistributedSampler`` over a dataset whose even and odd samples
+differ in sign pattern and scale), so a rank-local statistic cannot pass for a global one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import torch
+from conftest import make_trainer, read_scalars
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_watch import EarlyAlerts, Watch
+from lightning_watch.alerts.alert import Alert
+from lightning_watch.monitors import GradientNormMonitor, ParameterDeltaMonitor
+from lightning_watch.monitors._base import strategy_shards_parameters
+from lightning_watch.monitors._params import ParameterTable
+from lightning_watch.snapshot import Snapshot
+from lightning_watch.stats import read_blocks
+
+N, BATCH = 16, 4  # 8 samples per rank: 2 steps of 4
+
+
+def probe_data(n: int = N) -> TensorDataset:
+    """Even samples fire fc1 unit 0 only (scale ~1), odd samples unit 1 only (scale ~10).
+
+    An unshuffled DistributedSampler gives rank r the indices r, r+2, ...: rank 0 sees only even
+    samples, rank 1 only odd ones. Unit 2 (``-x0 - x1``) never fires.
+    """
+    a = 1.0 + torch.arange(n, dtype=torch.float32) / n
+    even = torch.stack([a, -a / 2], dim=1)
+    odd = 10 * torch.stack([-a / 2, a], dim=1)
+    x = torch.where((torch.arange(n) % 2 == 0)[:, None], even, odd)
+    y = (torch.arange(n, dtype=torch.float32) % 3)[:, None]
+    return TensorDataset(x, y)
+
+
+class Probe(pl.LightningModule):
+    """fc1 (2 -> 3, fixed rows e0, e1, -(e0 + e1)) -> ReLU -> fc2; lr 0 keeps it fixed."""
+
+    def __init__(self, lr: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2, 3)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(3, 1)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+            self.fc1.bias.zero_()
+            self.fc2.weight.copy_(torch.tensor([[0.5, -0.25, 1.0]]))
+            self.fc2.bias.fill_(0.1)
+        self.lr = lr
+        self.seen: list[torch.Tensor] = []  # the batches this rank trained on
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.append(x.detach().clone())
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def rank_loader(rank: int, n: int = N) -> DataLoader:
+    """This rank's half of :func:`probe_data`, in order (Lightning's own sampler would shuffle)."""
+    data = probe_data(n)
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
+    return DataLoader(data, batch_size=BATCH, sampler=sampler)
+
+
+def fit(trainer: pl.Trainer, model: pl.LightningModule, loader: DataLoader) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader)
+
+
+def rank_one_rule(rank: int):
+    """A user rule that fires on rank 1 only, from the second logging step on."""
+
+    def rule(snapshot: Snapshot, ctx) -> list[Alert]:
+        if rank != 1 or snapshot.step < 1:
+            return []
+        return [
+            Alert(
+                code="rank_local",
+                severity="error",
+                step=snapshot.step,
+                epoch=snapshot.epoch,
+                module=None,
+                value=1.0,
+                threshold=0.0,
+                message="seen on rank 1 only",
+                hint="none",
+            )
+        ]
+
+    rule.codes = ("rank_local",)
+    return rule
+
+
+def _count_gathers_per_publish(counts: list[int]):
+    """Wrap ``Watch``'s publish: count ``trainer.strategy.all_gather`` calls made inside it."""
+    import lightning_watch.watch as watch_module
+
+    original = watch_module.publish
+
+    def publish(trainer, *args, **kwargs):
+        strategy = trainer.strategy
+        calls = []
+        gather = strategy.all_gather
+
+        def counting(*a, **k):
+            calls.append(1)
+            return gather(*a, **k)
+
+        strategy.all_gather = counting
+        try:
+            return original(trainer, *args, **kwargs)
+        finally:
+            del strategy.all_gather  # back to the class method
+            counts.append(len(calls))
+
+    watch_module.publish = publish
+    return lambda: setattr(watch_module, "publish", original)
+
+
+def _sharded_reduction(rank: int) -> dict[str, float]:
+    """Each rank holds one half (rows) of a parameter and its gradient, as FSDP would shard it.
+
+    The monitors' own state is filled with the shard and read with the rank's real gloo
+    all-gather: with ``_sharded`` the squares add up to the full tensor's norm.
+    """
+    torch.manual_seed(0)
+    full_w, full_g = torch.randn(4, 3), torch.randn(4, 3)
+    shard = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        shard.weight.copy_(full_w[2 * rank : 2 * rank + 2])
+    shard.weight.grad = full_g[2 * rank : 2 * rank + 2].clone()
+
+    def gather(t):
+        out = [torch.empty_like(t) for _ in range(2)]
+        torch.distributed.all_gather(out, t)
+        return torch.stack(out)
+
+    results = {}
+    for sharded in (True, False):
+        grads, deltas = GradientNormMonitor(), ParameterDeltaMonitor()
+        for monitor in (grads, deltas):
+            monitor._modules = [("layer", shard)]
+            monitor._table = ParameterTable(monitor._modules)
+            monitor._sharded = sharded
+        grads._measure([shard.weight], in_global=True)
+        deltas._entries = deltas._table.trainable()
+        deltas._before = [shard.weight.detach().clone()]
+        deltas._steps = 1
+        with torch.no_grad():
+            saved = shard.weight.detach().clone()
+            shard.weight.sub_(0.5 * shard.weight.grad)  # the update: -0.5 * grad on this shard
+        # `_on_step_end` consults the cadence only: every step is a logging step here
+        deltas._cadence = SimpleNamespace(is_log_step=lambda step: True)
+        deltas._on_step_end(None, None, 0)
+        with torch.no_grad():
+            shard.weight.copy_(saved)
+        values = read_blocks([grads._collect(None), deltas._collect(None)], gather=gather)
+        snapshot = Snapshot(step=0, epoch=0)
+        grads._finalize(values, snapshot)
+        deltas._finalize(values, snapshot)
+        tag = "sharded" if sharded else "replicated"
+        results[f"{tag}.grad_norm"] = snapshot.get("grad_norm", "layer")
+        results[f"{tag}.global_grad_norm"] = snapshot.get("grad_norm")
+        results[f"{tag}.update_norm"] = snapshot.get("update_norm", "layer")
+        results[f"{tag}.param_norm"] = snapshot.get("param_norm", "layer")
+    results["full.grad_norm"] = full_g.norm().item()
+    results["full.param_norm"] = full_w.norm().item()
+    results["full.update_norm"] = (0.5 * full_g).norm().item()
+    return results
+
+
+def _worker(rank: int, out: str, port: int) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+    out = Path(out)
+    result: dict = {"rank": rank}
+    try:
+        # -------- fit 1: global statistics, one collective per logging step, rank-zero writes
+        counts: list[int] = []
+        restore = _count_gathers_per_publish(counts)
+        snapshots: list[dict] = []
+        watch = Watch(log_every_n_steps=1, sample_every_n_steps=1)
+        watch.add_listener(lambda t, m, s: snapshots.append(dict(s.scalars())))
+        logger = pl.loggers.TensorBoardLogger(str(out), name="tb", version=0)
+        trainer = make_trainer(out, [watch], strategy="ddp", devices=2, logger=logger, use_distributed_sampler=False)
+        model = Probe()
+        try:
+            fit(trainer, model, rank_loader(rank))
+        finally:
+            restore()
+        result.update(
+            snapshots=snapshots,
+            gathers=counts,
+            alerts=[(a.code, a.module, a.step) for a in watch.alerts],
+            global_step=trainer.global_step,
+            seen=model.seen,
+        )
+
+        # -------- fit 2: a stop decided on rank 1 only is agreed by both ranks (no hang)
+        alerts = EarlyAlerts(actions={"rank_local": "stop"}, rules=[rank_one_rule(rank)])
+        watch = Watch(log_every_n_steps=1, alerts=alerts)
+        trainer = make_trainer(out / "stop", [watch], strategy="ddp", devices=2, logger=False, max_steps=6)
+        fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
+        result.update(
+            stop_step=trainer.global_step,
+            stop_codes=[a.code for a in watch.alerts],
+            stop_alert=None if alerts.stop_alert is None else alerts.stop_alert.code,
+        )
+
+        # -------- the sharded reduction path, on the same gloo group
+        result["sharded"] = _sharded_reduction(rank)
+        torch.save(result, out / f"rank{rank}.pt")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run_group(tmp_path: Path, timeout: float = 120.0) -> list[dict]:
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    context = torch.multiprocessing.spawn(_worker, args=(str(tmp_path), find_free_network_port()), nprocs=2, join=False)
+    deadline = timeout
+    while not context.join(timeout=5):
+        deadline -= 5
+        if deadline <= 0:  # a rank left waiting in a collective: fail instead of hanging CI
+            for process in context.processes:
+                process.kill()
+            raise AssertionError("the 2-process DDP group did not finish: a rank hangs in a collective")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def reference(model: Probe, step: int) -> dict[str, float]:
+    """Plain-PyTorch values for logging step ``step``: both ranks' batches, DDP-averaged gradients."""
+    x, y = probe_data().tensors
+    idx = torch.arange(step * 2 * BATCH, (step + 1) * 2 * BATCH)  # the union of both ranks' batches
+    rank_idx = [idx[idx % 2 == r] for r in range(2)]
+    model.zero_grad()
+    loss = sum(nn.functional.mse_loss(model(x[i]), y[i]) for i in rank_idx) / 2  # DDP averages
+    loss.backward()
+    h = model.fc1(x[idx]).detach()
+    grads = [p.grad for p in model.parameters()]
+    return {
+        "fc1.mean": h.mean().item(),
+        "fc1.rms": h.square().mean().sqrt().item(),
+        "act.mean": h.relu().mean().item(),
+        "act.dead": ((h.relu() > 0).sum(0) == 0).double().mean().item(),
+        "rank0.act.dead": ((h[idx % 2 == 0].relu() > 0).sum(0) == 0).double().mean().item(),
+        "fc1.grad": torch.cat([model.fc1.weight.grad.flatten(), model.fc1.bias.grad]).norm().item(),
+        "global.grad": torch.cat([g.flatten() for g in grads]).norm().item(),
+        "rank0.fc1.grad": _rank_grad(model, x[rank_idx[0]], y[rank_idx[0]]),
+    }
+
+
+def _rank_grad(model: Probe, x, y) -> float:
+    model.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    return torch.cat([model.fc1.weight.grad.flatten(), model.fc1.bias.grad]).norm().item()
+
+
+def test_ddp_two_gloo_processes(tmp_path):
+    ranks = _run_group(tmp_path)
+    r0, r1 = ranks
+
+    # ---- activation statistics, dead units and gradient norms are global
+    refs = [reference(Probe(), k) for k in range(2)]
+    assert len(r0["snapshots"]) == 2 and r0["global_step"] == 2
+    for snap, ref in zip(r0["snapshots"], refs):
+        assert math.isclose(snap["watch/act_mean/fc1"], ref["fc1.mean"], rel_tol=1e-5)
+        assert math.isclose(snap["watch/act_rms/fc1"], ref["fc1.rms"], rel_tol=1e-5)
+        assert math.isclose(snap["watch/act_mean/act"], ref["act.mean"], rel_tol=1e-5)
+        # unit 0 fires on rank 0 only, unit 1 on rank 1 only, unit 2 nowhere: 1/3 dead, not 2/3
+        assert math.isclose(ref["act.dead"], 1 / 3, rel_tol=1e-6)
+        assert math.isclose(ref["rank0.act.dead"], 2 / 3, rel_tol=1e-6)
+        assert math.isclose(snap["watch/dead_frac/act"], ref["act.dead"])
+        assert math.isclose(snap["watch/dead_frac/fc1"], 1 / 3)
+        # the synchronized gradient, not rank 0's own (which is far smaller: its data is 10x smaller)
+        assert math.isclose(snap["watch/grad_norm/fc1"], ref["fc1.grad"], rel_tol=1e-5)
+        assert math.isclose(snap["watch/global/grad_norm"], ref["global.grad"], rel_tol=1e-5)
+        assert not math.isclose(ref["fc1.grad"], ref["rank0.fc1.grad"], rel_tol=0.1)
+    # every rank publishes the same snapshot
+    assert r0["snapshots"] == r1["snapshots"]
+
+    # ---- one collective per logging step from lightning_watch, on every rank
+    assert r0["gathers"] == [1, 1] and r1["gathers"] == [1, 1]
+
+    # ---- only rank zero writes: one event file, whose values are the global ones
+    event_files = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert len(event_files) == 1
+    scalars = read_scalars(tmp_path / "tb")
+    assert [s for s, _ in scalars["watch/act_mean/fc1"]] == [0, 1]
+    for (_, value), ref in zip(scalars["watch/act_mean/fc1"], refs):
+        assert math.isclose(value, ref["fc1.mean"], rel_tol=1e-5)
+    # alerts: identical on both ranks, written once (rank zero) to alerts.jsonl
+    assert r0["alerts"] == r1["alerts"]
+    # (lr 0 makes "stalled_parameters" fire: the weights really do not move)
+    assert ("stalled_parameters", "fc1", 1) in r0["alerts"]
+    lines = (tmp_path / "tb" / "version_0" / "alerts.jsonl").read_text().splitlines()
+    assert [json.loads(line)["code"] for line in lines] == [code for code, _, _ in r0["alerts"]]
+
+    # ---- a stop raised on rank 1 only stops both ranks at the same step
+    assert "rank_local" in r1["stop_codes"] and "rank_local" not in r0["stop_codes"]
+    assert r1["stop_alert"] == "rank_local"
+    assert r0["stop_alert"] is not None  # rank 0 stops on rank 1's finding
+    assert r0["stop_step"] == r1["stop_step"] == 2  # the rule fires at logging step 1
+
+    # ---- sharded (FSDP-like) reduction: halves add up to the full norm; max would not
+    for r in ranks:
+        s = r["sharded"]
+        for metric in ("grad_norm", "global_grad_norm", "update_norm", "param_norm"):
+            full = s[f"full.{metric.replace('global_', '')}"]
+            assert math.isclose(s[f"sharded.{metric}"], full, rel_tol=1e-6), metric
+            assert s[f"replicated.{metric}"] < full * 0.999, metric
+
+
+def test_fsdp_strategy_is_detected_as_sharded():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    assert strategy_shards_parameters(SimpleNamespace(strategy=FSDPStrategy()))
+    assert not strategy_shards_parameters(SimpleNamespace(strategy=DDPStrategy()))
