@@ -81,7 +81,7 @@ def rank_loader(rank: int, n: int = N) -> DataLoader:
     return DataLoader(data, batch_size=BATCH, sampler=sampler)
 
 
-def fit(trainer: pl.Trainer, model: pl.LightningModule, loader: DataLoader) -> None:
+def fit(trainer: pl.Trainer, model: pl.LightningModule, loader: DataLoader | None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, loader)
@@ -344,3 +344,28 @@ def test_fsdp_strategy_is_detected_as_sharded():
 
     assert strategy_shards_parameters(SimpleNamespace(strategy=FSDPStrategy()))
     assert not strategy_shards_parameters(SimpleNamespace(strategy=DDPStrategy()))
+
+
+class SpawnProbe(Probe):
+    """``Probe`` that builds its rank's loader itself: under ``ddp_spawn`` ranks start from a pickle."""
+
+    def train_dataloader(self):
+        return rank_loader(self.global_rank)
+
+
+def test_ddp_spawn_writes_global_statistics_from_rank_zero(tmp_path):
+    # The processes are started by Lightning; only the event file of rank zero comes back.
+    watch = Watch(log_every_n_steps=1, sample_every_n_steps=1, alerts=False)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0)  # fixed: see the README
+    trainer = make_trainer(
+        tmp_path, [watch], strategy="ddp_spawn", devices=2, logger=logger, use_distributed_sampler=False
+    )
+    fit(trainer, SpawnProbe(), None)
+    assert len(list((tmp_path / "tb").rglob("events.out.tfevents.*"))) == 1
+    scalars = read_scalars(tmp_path / "tb")
+    refs = [reference(Probe(), k) for k in range(2)]
+    assert [s for s, _ in scalars["watch/act_rms/fc1"]] == [0, 1]
+    for k, ref in enumerate(refs):
+        assert math.isclose(scalars["watch/act_rms/fc1"][k][1], ref["fc1.rms"], rel_tol=1e-5)
+        assert math.isclose(scalars["watch/dead_frac/act"][k][1], ref["act.dead"], rel_tol=1e-6)
+        assert math.isclose(scalars["watch/grad_norm/fc1"][k][1], ref["fc1.grad"], rel_tol=1e-5)
