@@ -81,6 +81,15 @@ def rank_loader(rank: int, n: int = N) -> DataLoader:
     return DataLoader(data, batch_size=BATCH, sampler=sampler)
 
 
+class BatchNormProbe(Probe):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def fit(trainer: pl.Trainer, model: pl.LightningModule, loader: DataLoader | None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -234,6 +243,13 @@ def _worker(rank: int, out: str, port: int) -> None:
             stop_alert=None if alerts.stop_alert is None else alerts.stop_alert.code,
         )
 
+        # -------- small_batch_norm: a plain BatchNorm normalizes over its rank's 4 samples only
+        # (`sync_batchnorm=True` cannot run here: DDP refuses SyncBatchNorm on CPU modules)
+        watch = Watch(log_every_n_steps=1)
+        trainer = make_trainer(out / "bn", [watch], strategy="ddp", devices=2, logger=False, max_steps=1)
+        fit(trainer, BatchNormProbe(), rank_loader(rank))
+        result["bn"] = [(a.code, a.module, a.value) for a in watch.alerts if a.code == "small_batch_norm"]
+
         # -------- the sharded reduction path, on the same gloo group
         result["sharded"] = _sharded_reduction(rank)
         torch.save(result, out / f"rank{rank}.pt")
@@ -330,6 +346,9 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert r0["stop_alert"] is not None  # rank 0 stops on rank 1's finding
     assert r0["stop_step"] == r1["stop_step"] == 2  # the rule fires at logging step 1
 
+    # ---- an unsynchronized BatchNorm under DDP sees its rank's batch: 4 samples, below 8
+    assert r0["bn"] == r1["bn"] == [("small_batch_norm", "net.1", 4.0)]
+
     # ---- sharded (FSDP-like) reduction: halves add up to the full norm; max would not
     for r in ranks:
         s = r["sharded"]
@@ -369,3 +388,21 @@ def test_ddp_spawn_writes_global_statistics_from_rank_zero(tmp_path):
         assert math.isclose(scalars["watch/act_rms/fc1"][k][1], ref["fc1.rms"], rel_tol=1e-5)
         assert math.isclose(scalars["watch/dead_frac/act"][k][1], ref["act.dead"], rel_tol=1e-6)
         assert math.isclose(scalars["watch/grad_norm/fc1"][k][1], ref["fc1.grad"], rel_tol=1e-5)
+
+
+def test_sync_batch_norm_counts_the_global_batch():
+    # DDP refuses SyncBatchNorm on CPU ("SyncBatchNorm layers only work with GPU modules"), so the
+    # recorder and the check are driven directly: 4 samples per rank, threshold 8.
+    from lightning_watch.alerts.checks import ForwardRecorder, check_batch_norm
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.SyncBatchNorm(3), nn.BatchNorm1d(3))
+    recorder = ForwardRecorder(model)
+    model(torch.randn(4, 2))
+    recorder.remove()
+    assert recorder.batch_norm == {"1": (4, True), "2": (4, False)}
+    ctx = EarlyAlerts()._context()
+    at = Snapshot(step=0, epoch=0)
+    on_two = check_batch_norm(ctx, at, recorder.batch_norm, world_size=2)
+    assert [(a.module, a.value) for a in on_two] == [("2", 4.0)]  # synced: 8 samples, not small
+    on_one = check_batch_norm(ctx, at, recorder.batch_norm, world_size=1)
+    assert [a.extra["modules"] for a in on_one] == [["1", "2"]]  # one process: both are small
