@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_watch import EarlyAlerts, Watch
+from lightning_watch.alerts import AlertError
 from lightning_watch.alerts.alert import Alert
 from lightning_watch.monitors import GradientNormMonitor, ParameterDeltaMonitor
 from lightning_watch.monitors._base import strategy_shards_parameters
@@ -165,14 +166,20 @@ def _count_collectives_per_batch(watch: Watch, strategy) -> list[int]:
     hook = watch.on_train_batch_end
 
     def counted(*args, **kwargs):
-        calls = []
+        calls, depth = [], []
         originals = {name: getattr(strategy, name) for name in COLLECTIVES}
         own = {name: strategy.__dict__.get(name) for name in COLLECTIVES}
         for name, original in originals.items():
 
             def wrapper(*a, _original=original, **k):
-                calls.append(1)
-                return _original(*a, **k)
+                calls.append(1)  # counted once: `reduce_boolean_decision` calls `reduce` inside
+                depth.append(1)
+                try:
+                    if len(depth) > 1:
+                        calls.pop()
+                    return _original(*a, **k)
+                finally:
+                    depth.pop()
 
             setattr(strategy, name, wrapper)
         try:
@@ -297,6 +304,23 @@ def _worker(rank: int, out: str, port: int) -> None:
         # -------- the sharded reduction path, on the same gloo group
         result["sharded"] = _sharded_reduction(rank)
         torch.save(result, out / f"rank{rank}.pt")
+
+        # -------- last: a "raise" decided on rank 1 only raises on both ranks (no rank left waiting)
+        alerts = EarlyAlerts(actions={"rank_local": "raise"}, rules=[rank_one_rule(rank)])
+        trainer = make_trainer(
+            out / "raise",
+            [Watch(log_every_n_steps=1, alerts=alerts)],
+            strategy="ddp",
+            devices=2,
+            logger=False,
+            max_steps=6,
+        )
+        raised = None
+        try:
+            fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
+        except AlertError as err:
+            raised = (err.alert.code, trainer.global_step)
+        torch.save(raised, out / f"raise{rank}.pt")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -313,7 +337,10 @@ def _run_group(tmp_path: Path, timeout: float = 120.0) -> list[dict]:
             for process in context.processes:
                 process.kill()
             raise AssertionError("the 2-process DDP group did not finish: a rank hangs in a collective")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r, result in enumerate(ranks):
+        result["raised"] = torch.load(tmp_path / f"raise{r}.pt", weights_only=False)
+    return ranks
 
 
 def reference(model: Probe, step: int) -> dict[str, float]:
@@ -397,6 +424,10 @@ def test_ddp_two_gloo_processes(group):
     assert r1["stop_alert"] == "rank_local"
     assert r0["stop_alert"] is not None  # rank 0 stops on rank 1's finding
     assert r0["stop_step"] == r1["stop_step"] == 2  # the rule fires at logging step 1
+
+    # ---- "raise" decided on rank 1 only: both ranks raise at the same step
+    assert r1["raised"] == ("rank_local", 2)
+    assert r0["raised"] is not None and r0["raised"][1] == 2
 
     # ---- an unsynchronized BatchNorm under DDP sees its rank's batch: 4 samples, below 8
     assert r0["bn"] == r1["bn"] == [("small_batch_norm", "net.1", 4.0)]
