@@ -1,0 +1,106 @@
+"""What ``Watch`` does with its snapshots for the views: keep a bounded history, draw, report at the end."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_watch.tensorboard import add_text, tensorboard_loggers
+from lightning_watch.views.health import HealthReport
+from lightning_watch.views.history import History
+from lightning_watch.views.images import render_pictures
+from lightning_watch.warn import warn_once
+
+#: TensorBoard text tag of the end-of-fit report.
+REPORT_TAG = "watch_report/health"
+HEALTH_MD = "health.md"
+HEALTH_JSON = "health.json"
+
+
+class WatchViews:
+    """The views part of a :class:`~lightning_watch.Watch`: history, pictures, end-of-fit report.
+
+    Args:
+        report: print the report at the end of fit; ``None`` follows the Trainer's progress bar
+            (printed when ``enable_progress_bar=True``). Files and TensorBoard text are written
+            either way, on rank zero.
+        pictures: draw the heat maps and gradient-flow chart into TensorBoard (needs matplotlib).
+        picture_every: draw every this many logging publications (and once at the end of fit).
+        history: points kept per layer and metric (bounds memory).
+
+    Raises:
+        ValueError: for a non-bool ``report``/``pictures`` or a non-positive ``picture_every``.
+
+    Example:
+        >>> views = WatchViews(report=False, picture_every=20)
+        >>> views.history.maxlen
+        256
+    """
+
+    def __init__(
+        self, report: bool | None = None, pictures: bool = True, picture_every: int = 10, history: int = 256
+    ) -> None:
+        if report is not None and not isinstance(report, bool):
+            raise ValueError(f"`report` must be True, False or None, got {report!r}.")
+        if not isinstance(pictures, bool):
+            raise ValueError(f"`pictures` must be True or False, got {pictures!r}.")
+        if not isinstance(picture_every, int) or isinstance(picture_every, bool) or picture_every < 1:
+            raise ValueError(f"`picture_every` must be a positive int, got {picture_every!r}.")
+        self.report = report
+        self.pictures = pictures
+        self.picture_every = picture_every
+        self.history = History(maxlen=history)
+        self.last_report: HealthReport | None = None
+        self._published = 0
+
+    def reset(self) -> None:
+        self.history = History(maxlen=self.history.maxlen)
+        self._published = 0
+
+    # ------------------------------------------------------------------ hooks (never raise into training)
+    def on_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: Any) -> None:
+        try:
+            self.history.add_snapshot(snapshot)
+            self._published += 1
+            if self.pictures and self._published % self.picture_every == 0:
+                self._draw(trainer, snapshot.step)
+        except Exception as err:  # a drawing failure must not stop training
+            warn_once(("views.snapshot", type(err).__name__), f"lightning_watch views skipped a step: {err!r}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, alerts: list) -> None:
+        try:
+            # `trainer.log_dir` broadcasts under DDP: every rank asks, rank zero writes
+            log_dir = trainer.log_dir or trainer.default_root_dir
+            self.last_report = HealthReport.build(self.history, alerts)
+            if not trainer.is_global_zero:
+                return
+            if self.pictures:
+                self._draw(trainer, max(self.history.last_step, 0))
+            self._write(trainer, log_dir, self.last_report)
+            show = self.report if self.report is not None else trainer.progress_bar_callback is not None
+            if show:
+                print("\n" + self.last_report.to_text(), file=sys.stdout, flush=True)
+        except Exception as err:
+            warn_once(("views.report", type(err).__name__), f"lightning_watch could not write its report: {err!r}")
+
+    # ------------------------------------------------------------------ helpers
+    def _draw(self, trainer: pl.Trainer, step: int) -> None:
+        if not trainer.is_global_zero or not tensorboard_loggers(trainer):
+            return
+        for tag, image in render_pictures(self.history).items():
+            for logger in tensorboard_loggers(trainer):
+                logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+
+    def _write(self, trainer: pl.Trainer, log_dir: str | None, report: HealthReport) -> None:
+        add_text(trainer, REPORT_TAG, report.to_markdown(), max(report.last_step, 0))
+        for logger in tensorboard_loggers(trainer):
+            logger.experiment.flush()
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            with open(os.path.join(log_dir, HEALTH_MD), "w", encoding="utf-8") as f:
+                f.write(report.to_markdown() + "\n")
+            with open(os.path.join(log_dir, HEALTH_JSON), "w", encoding="utf-8") as f:
+                f.write(report.to_json() + "\n")
