@@ -20,6 +20,7 @@ from lightning_watch.monitors import (
 from lightning_watch.monitors._base import SnapshotListener, publish
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.tensorboard import add_histograms, add_layout
+from lightning_watch.views.live import WatchViews
 
 _FAMILIES = {
     "gradients": GradientNormMonitor,
@@ -46,6 +47,11 @@ class Watch(Callback):
         log_every_n_steps, sample_every_n_steps, histogram_every_n_steps: cadence passed to
             every monitor built here (``None``: the Trainer's ``log_every_n_steps``, five samples
             per window, no histograms).
+        report: print the health report (one row per layer, then the alerts) when fit ends;
+            ``None`` follows the Trainer's ``enable_progress_bar``. ``health.md``/``health.json``
+            in the log directory and TensorBoard text ``watch_report/health`` are written either way.
+        pictures: draw layer x step heat maps (dead fraction, update ratio) and a gradient-flow
+            chart into TensorBoard's Images tab (needs matplotlib; skipped with one warning without).
 
     Raises:
         ValueError: if a family argument is neither a bool nor a monitor of that family, or if
@@ -73,6 +79,8 @@ class Watch(Callback):
         log_every_n_steps: int | None = None,
         sample_every_n_steps: int | None = None,
         histogram_every_n_steps: int | None = None,
+        report: bool | None = None,
+        pictures: bool = True,
     ) -> None:
         shared = {
             "include": include,
@@ -97,6 +105,9 @@ class Watch(Callback):
             raise ValueError("`Watch` needs at least one monitor; every family was switched off.")
         self._listeners: list[SnapshotListener] = []
         self.last_snapshot: Snapshot | None = None
+        # end-of-fit health report and TensorBoard pictures (lightning_watch/views/)
+        self.views = WatchViews(report=report, pictures=pictures)
+        self.add_listener(self.views.on_snapshot)
 
     @property
     def state_key(self) -> str:
@@ -125,6 +136,10 @@ class Watch(Callback):
         metrics = [m for monitor in self.monitors for m in monitor.METRICS]
         global_metrics = [m for monitor in self.monitors for m in monitor.GLOBAL_METRICS]
         add_layout(trainer, metrics, global_metrics)
+        self.views.reset()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.views.on_train_end(trainer, pl_module, getattr(self, "alerts", []))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for monitor in self.monitors:
