@@ -122,7 +122,9 @@ def test_only_rank_zero_writes(tmp_path):
     snap = Snapshot(step=3, epoch=0)
     snap.put("grad_norm", 1.0, module="fc")
     views.history.add_snapshot(snap)
-    trainer = types.SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=False)
+    trainer = types.SimpleNamespace(
+        log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=False, loggers=[object()]
+    )
     views.on_train_end(trainer, None, [])
     assert os.listdir(tmp_path) == []
     assert views.last_report.rows[0].grad_norm == 1.0
@@ -157,3 +159,13 @@ def test_bad_arguments():
         Watch(pictures=1)
     with pytest.raises(ValueError, match=r"`maxlen` must be a positive int, got 0\."):
         History(maxlen=0)
+
+
+def test_no_logger_writes_no_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # without a logger, Lightning's log_dir is the working directory
+    torch.manual_seed(0)
+    watch = Watch(report=True, pictures=False, alerts=False)
+    trainer = make_trainer(tmp_path / "root", [watch], max_steps=2, logger=False)
+    trainer.fit(TinyRegressor(), regression_loader())
+    assert not list(tmp_path.rglob("health.*"))
+    assert "lightning_watch health report" in capsys.readouterr().out

@@ -25,8 +25,9 @@ class WatchViews:
 
     Args:
         report: print the report at the end of fit; ``None`` follows the Trainer's progress bar
-            (printed when ``enable_progress_bar=True``). Files and TensorBoard text are written
-            either way, on rank zero.
+            (printed when ``enable_progress_bar=True``). ``health.md``/``health.json`` (in the
+            log directory, when the Trainer has a logger) and TensorBoard text are written either
+            way, on rank zero.
         pictures: draw the heat maps and gradient-flow chart into TensorBoard (needs matplotlib).
         picture_every: draw every this many logging publications (and once at the end of fit).
         history: points kept per layer and metric (bounds memory).
@@ -98,7 +99,8 @@ class WatchViews:
         add_text(trainer, REPORT_TAG, report.to_markdown(), max(report.last_step, 0))
         for logger in tensorboard_loggers(trainer):
             logger.experiment.flush()
-        if log_dir:
+        # without a logger `log_dir` is the working directory: write nothing there uninvited
+        if log_dir and trainer.loggers:
             os.makedirs(log_dir, exist_ok=True)
             with open(os.path.join(log_dir, HEALTH_MD), "w", encoding="utf-8") as f:
                 f.write(report.to_markdown() + "\n")
