@@ -6,6 +6,7 @@ Example:
     >>> trainer = Trainer(callbacks=[Watch()], logger=False)
 """
 
+from lightning_watch.alerts import Alert, EarlyAlerts
 from lightning_watch.monitors import (
     ActivationScaleMonitor,
     DeadUnitMonitor,
@@ -25,7 +26,9 @@ __all__ = [
     "ActivationScaleMonitor",
     "ActivityRegularizer",
     "ActivityRule",
+    "Alert",
     "DeadUnitMonitor",
+    "EarlyAlerts",
     "GradientNormMonitor",
     "ParameterDeltaMonitor",
     "Snapshot",

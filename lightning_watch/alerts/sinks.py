@@ -1,0 +1,67 @@
+"""Where a raised alert goes: Python logging, ``warnings``, ``alerts.jsonl`` and TensorBoard text.
+
+Everything here runs on rank zero only (the alert lists are the same on every rank), and
+receives plain host values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import lightning.pytorch as pl
+
+from lightning_watch.alerts.alert import Alert
+from lightning_watch.tensorboard import add_text
+
+#: the logger every alert is sent to
+logger = logging.getLogger("lightning_watch.alerts")
+
+#: file name of the JSON-lines record in the trainer's log directory
+JSONL_NAME = "alerts.jsonl"
+
+_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class AlertWarning(UserWarning):
+    """Category of the ``warnings`` an alert emits.
+
+    Kept apart from :class:`~lightning_watch.WatchWarning` (which says the *tool* met something
+    odd) because an alert is a finding about the *run*; silence both with their categories.
+    """
+
+
+class AlertSinks:
+    """Writes each raised alert to every sink; ``warnings`` once per code and module."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self._warned: set[tuple[str, str | None]] = set()
+
+    def start(self, trainer: pl.Trainer) -> None:
+        """Resolve the log directory (on every rank: ``trainer.log_dir`` is a collective under DDP)."""
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        self.path = os.path.join(log_dir, JSONL_NAME) if log_dir else None
+
+    def emit(self, trainer: pl.Trainer, alert: Alert) -> None:
+        if not trainer.is_global_zero:
+            return
+        logger.log(_LEVELS[alert.severity], alert.summary())
+        if alert.severity != "info" and alert.key not in self._warned:
+            self._warned.add(alert.key)
+            warnings.warn(alert.summary(), AlertWarning, stacklevel=2)
+        if self.path is not None:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(alert.to_json() + "\n")
+        add_text(trainer, f"alerts/{alert.code}", _markdown(alert), max(alert.step, 0))
+
+
+def _markdown(alert: Alert) -> str:
+    where = f" in `{alert.module}`" if alert.module else ""
+    return (
+        f"**{alert.severity}** `{alert.code}`{where} at step {alert.step} (epoch {alert.epoch}): {alert.message}  \n"
+        f"*Try:* {alert.hint}  \n"
+        f"value = {alert.value:.4g}, threshold = {alert.threshold:.4g}"
+    )
