@@ -6,7 +6,17 @@ with fresh models of the same seed; the ratio of a configuration is its median s
 the bare run's median step time *of the same round*, so slow drifts of a shared machine cancel.
 The table reports the median ratio over rounds with its min–max. Step time is measured from one
 ``on_train_batch_start`` to the next (the whole iteration: data, forward, backward, optimizer,
-every callback, logging), warm-up steps excluded. Logging steps are reported apart.
+every callback, logging), warm-up steps excluded. Logging steps are reported apart (extra
+milliseconds over the bare run's logging step), and "late/early steps" compares the last third
+of a run's steps with its first third (1.0: the cost does not grow with the steps already run).
+
+Memory: on CUDA, the extra ``torch.cuda.max_memory_allocated`` over the bare run; on a CPU, the
+extra growth of the process's peak resident set during the fit (Linux: the peak is reset through
+``/proc/self/clear_refs`` before each fit; allocator caching makes it a coarse number). "State
+held" counts the bytes of every tensor reachable from the callbacks between two ordinary steps:
+it is O(watched modules), not a copy of the weights. With ``--device cuda``, a separate fit turns
+every synchronizing CUDA call into an error on non-logging steps
+(``torch.cuda.set_sync_debug_mode("error")``), after checking that bare Lightning passes it.
 
 Configurations:
     bare            no callback
@@ -19,7 +29,7 @@ Configurations:
 
 Usage:
     python benchmarks/overhead.py                       # all workloads, default budget table
-    python benchmarks/overhead.py --workloads mlp --rounds 5 --markdown
+    python benchmarks/overhead.py --workloads mlp --configs bare watch --repeats 5 --markdown
     python benchmarks/overhead.py --device cuda         # also checks zero host syncs off logging steps
 """
 
@@ -168,10 +178,15 @@ CONFIGS = ("bare", "grad", "delta", "act", "dead", "watch", "watch_hist", "docs_
 class StepTimer(pl.Callback):
     """Wall time from one batch start to the next: the whole training iteration."""
 
-    def __init__(self, device: torch.device, log_every: int) -> None:
-        self.device, self.log_every = device, log_every
+    def __init__(self, device: torch.device, log_every: int, watched: list[pl.Callback]) -> None:
+        self.device, self.log_every, self.watched = device, log_every, watched
         self.starts: list[float] = []
         self.is_log: list[bool] = []
+        self.held = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 5:  # past the first steps' one-time work, between two ordinary steps
+            self.held = held_bytes(self.watched)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.device.type == "cuda":
@@ -210,11 +225,61 @@ class SyncProbe(pl.Callback):
         torch.cuda.set_sync_debug_mode(0)
 
 
+def held_bytes(roots: list[object]) -> int:
+    """Bytes of the tensors reachable from ``roots`` (callback state), the model and trainer excluded.
+
+    What a callback keeps between steps: an O(number of watched modules) state is a few KiB; a
+    persistent copy of the weights would show as the model's size.
+    """
+    seen: set[int] = set()
+    storages: dict[int, int] = {}
+    stack = list(roots)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (nn.Module, pl.Trainer, str, bytes, int, float, type)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
+            stack.extend(getattr(obj, "__dict__", {}).values())
+            for name in getattr(type(obj), "__slots__", ()):
+                stack.append(getattr(obj, name, None))
+    return sum(storages.values())
+
+
+def rss_reset() -> int | None:
+    """Reset the process's peak RSS to its current RSS (Linux >= 4.0); returns the RSS in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @dataclass
 class Run:
     plain: list[float]
     logged: list[float]
-    peak_bytes: int | None = None
+    peak_bytes: int | None = None  # CUDA: max allocated; CPU: peak RSS growth during the fit
+    held: int = 0  # tensor bytes the callbacks hold between steps
 
     @property
     def median(self) -> float:
@@ -227,6 +292,8 @@ class Result:
     log_extra_ms: list[float] = field(default_factory=list)
     drift: list[float] = field(default_factory=list)
     peak_ratio: list[float] = field(default_factory=list)
+    peak_extra_mib: list[float] = field(default_factory=list)
+    held_kib: list[float] = field(default_factory=list)
     bare_ms: list[float] = field(default_factory=list)
 
 
@@ -244,10 +311,14 @@ def run_once(workload: str, config: str, steps: int, log_every: int, device: tor
     factory = WORKLOADS[workload][0]
     torch.manual_seed(0)
     model = Classifier(factory(), docs_recipe=config == "docs_recipe")
-    timer = StepTimer(device, log_every)
-    callbacks = [*make_callbacks(config, log_every), timer]
+    watched = make_callbacks(config, log_every)
+    timer = StepTimer(device, log_every, watched)
+    callbacks = [*watched, timer]
+    rss_start = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        rss_start = rss_reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = pl.Trainer(
@@ -264,15 +335,19 @@ def run_once(workload: str, config: str, steps: int, log_every: int, device: tor
         )
         trainer.fit(model, data)
     plain, logged = timer.step_times(warmup=min(20, steps // 4))
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return Run(plain, logged, peak)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        hwm = _status_bytes("VmHWM")
+        peak = hwm - rss_start if hwm is not None and rss_start is not None else None
+    return Run(plain, logged, peak, timer.held)
 
 
 def bench_workload(workload: str, configs: list[str], args, device: torch.device) -> dict[str, Result]:
     data = make_data(workload, args.steps, device)
     results = {c: Result() for c in configs if c != "bare"}
     rng = random.Random(0)
-    for _ in range(args.rounds):
+    for _ in range(args.repeats):
         order = list(configs)
         rng.shuffle(order)  # A/B/A/B in a different order each round
         runs = {c: run_once(workload, c, args.steps, args.log_every, device, data, args.logdir) for c in order}
@@ -286,8 +361,11 @@ def bench_workload(workload: str, configs: list[str], args, device: torch.device
             third = len(run.plain) // 3
             if third:
                 result.drift.append(statistics.median(run.plain[-third:]) / statistics.median(run.plain[:third]))
-            if run.peak_bytes and bare.peak_bytes:
-                result.peak_ratio.append(run.peak_bytes / bare.peak_bytes)
+            if run.peak_bytes is not None and bare.peak_bytes is not None:
+                if bare.peak_bytes > 0:
+                    result.peak_ratio.append(run.peak_bytes / bare.peak_bytes)
+                result.peak_extra_mib.append((run.peak_bytes - bare.peak_bytes) / 2**20)
+            result.held_kib.append(run.held / 1024)
     return results
 
 
@@ -296,21 +374,23 @@ def check_no_sync(workload: str, args, device: torch.device) -> str:
         return "n/a (CPU)"
     data = make_data(workload, 60, device)
     factory = WORKLOADS[workload][0]
-    torch.manual_seed(0)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pl.Trainer(
-                accelerator="gpu", devices=1, max_steps=60, log_every_n_steps=args.log_every,
-                logger=pl.loggers.TensorBoardLogger(args.logdir, name=f"{workload}_sync"),
-                callbacks=[Watch(), SyncProbe(args.log_every)], enable_progress_bar=False,
-                enable_model_summary=False, enable_checkpointing=False,
-            ).fit(Classifier(factory()), data)  # fmt: skip
-        return "0 syncs"
-    except RuntimeError as err:
-        return f"SYNC: {str(err).splitlines()[0][:80]}"
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    # bare Lightning first: if it synchronizes by itself, the probe cannot tell ours apart
+    for name, callbacks in (("bare", []), ("Watch()", [Watch()])):
+        torch.manual_seed(0)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pl.Trainer(
+                    accelerator="gpu", devices=1, max_steps=60, log_every_n_steps=args.log_every,
+                    logger=pl.loggers.TensorBoardLogger(args.logdir, name=f"{workload}_sync"),
+                    callbacks=[*callbacks, SyncProbe(args.log_every)], enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False,
+                ).fit(Classifier(factory()), data)  # fmt: skip
+        except RuntimeError as err:
+            return f"{name} SYNCS: {str(err).splitlines()[0][:80]}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return "0 (sync debug mode 'error')"
 
 
 # ----------------------------------------------------------------------------- report
@@ -320,6 +400,10 @@ def fmt_ratio(values: list[float]) -> str:
     if not values:
         return "–"
     return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def fmt_num(values: list[float], sign: str = "+") -> str:
+    return f"{statistics.median(values):{sign}.1f}" if values else "–"
 
 
 def describe_machine(device: torch.device) -> str:
@@ -340,10 +424,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--steps", type=int, default=120, help="training steps per run (warm-up: min(20, steps/4))")
-    parser.add_argument("--rounds", type=int, default=3, help="repetitions; each runs every configuration once")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per run (warm-up: min(20, steps/4))")
+    parser.add_argument(
+        "--repeats", "--rounds", type=int, default=3, help="repetitions; each runs every configuration once"
+    )
     parser.add_argument("--log-every", type=int, default=50, help="Trainer(log_every_n_steps=...)")
-    parser.add_argument("--every-step", action="store_true", help="add the log_every_n_steps=1 comparison")
+    parser.add_argument(
+        "--no-every-step",
+        dest="every_step",
+        action="store_false",
+        help="skip the log_every_n_steps=1 comparison of Watch with hand-written .item() hooks",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--logdir", default="/tmp/lightning_watch_bench")
@@ -353,9 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     configs = ["bare", *[c for c in args.configs if c != "bare"]]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("`--device cuda` needs a CUDA device, and torch.cuda.is_available() is False.")
     print(f"# lightning_watch overhead — {describe_machine(device)}", flush=True)
     print(
-        f"# steps={args.steps} rounds={args.rounds} log_every_n_steps={args.log_every}; "
+        f"# steps={args.steps} repeats={args.repeats} log_every_n_steps={args.log_every}; "
         "ratio = median step time / bare median step time of the same round: median (min–max)",
         flush=True,
     )
@@ -369,28 +462,30 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{workload:12s} {config:12s} {fmt_ratio(result.ratios)}", flush=True)
         if args.every_step:
             every = argparse.Namespace(**{**vars(args), "log_every": 1})
-            for config, result in bench_workload(workload, ["bare", "watch", "item_hooks"], every, device).items():
+            pair = ["bare", *[c for c in ("watch", "item_hooks") if c in configs]]
+            for config, result in bench_workload(workload, pair, every, device).items():
                 rows.append((workload, 1, config, result, ""))
                 if not args.markdown:
                     print(f"{workload:12s} {config:12s} (every step) {fmt_ratio(result.ratios)}", flush=True)
 
     print()
-    print("| workload | log every | configuration | step-time ratio vs bare | budget | logging step, extra ms | "
-          "late/early steps | peak memory ratio | host syncs off logging steps |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    memory = "extra peak CUDA memory, MiB" if device.type == "cuda" else "extra peak RSS, MiB"
+    print(f"| workload | log every | configuration | step-time ratio vs bare | budget | logging step, extra ms | "
+          f"late/early steps | {memory} | state held, KiB | host syncs off logging steps |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for workload, every, config, result, sync in rows:
         budget = WORKLOADS[workload][3]
         if device.type == "cuda":
             budget = 0.02
         verdict = ""
-        if config == "watch" and every == args.log_every and result.ratios:
+        if config == "watch" and every == args.log_every != 1 and result.ratios:
             verdict = "✅" if statistics.median(result.ratios) <= 1 + budget else "❌"
             verdict = f"≤ {1 + budget:.2f} {verdict}"
         extra = f"{statistics.median(result.log_extra_ms):+.1f}" if result.log_extra_ms else "–"
         print(
             f"| {workload} (bare {statistics.median(result.bare_ms):.1f} ms) | {every} | {config} | "
             f"{fmt_ratio(result.ratios)} | {verdict} | {extra} | {fmt_ratio(result.drift)} | "
-            f"{fmt_ratio(result.peak_ratio)} | {sync} |"
+            f"{fmt_num(result.peak_extra_mib)} | {fmt_num(result.held_kib, sign='')} | {sync} |"
         )
     return 0
 
