@@ -248,6 +248,8 @@ class EarlyAlerts(Callback):
         if self._checked:
             return
         self._checked = True
+        if _compiled(pl_module):
+            return  # an extra eval-mode forward and new hooks would make torch.compile recompile
         if self._enabled("batch_mixing"):
             self._process(trainer, check_batch_mixing(self._context(), self._now(trainer), pl_module, batch))
         # the real first training forward tells the module order and what BatchNorm layers see
@@ -398,6 +400,10 @@ class EarlyAlerts(Callback):
             self._loss.load_state_dict(state["loss"])
         if state.get("labels_done"):
             self._labels.seen = self._labels.batches
+
+
+def _compiled(module: Any) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None or type(module).__name__ == "OptimizedModule"
 
 
 def _worse(alert: Alert, state: _Active) -> bool:
