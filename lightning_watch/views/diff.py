@@ -132,6 +132,7 @@ def diff_scalars(
     result.only_b = [t for t in b if t not in a]
     # step -> [(tag, a, b, gap)] of every divergent point
     divergent: dict[int, list[tuple[str, float, float, float]]] = {}
+    first: dict[str, tuple[int, float, str]] = {}  # module -> (step, gap, metric)
     for tag in common:
         vb = dict(b[tag])
         metric, module = split_tag(tag)
@@ -144,14 +145,15 @@ def diff_scalars(
             gap = relative_gap(va, vb[step], atol)
             if gap > rtol:
                 divergent.setdefault(step, []).append((tag, va, vb[step], gap))
-                if module is not None:
-                    seen = result.first_by_layer.get(module)
-                    if seen is None or step < seen[0]:
-                        result.first_by_layer[module] = (step, metric)
+                if module is not None:  # the layer's earliest step, and there its most different metric
+                    seen = first.get(module)
+                    if seen is None or (step, -gap) < (seen[0], -seen[1]):
+                        first[module] = (step, gap, metric)
         if (module is None and not tag.startswith(f"{TAG_PREFIX}/")) and last_common is not None:
             result.final[tag] = last_common
     if divergent:
         result.first_step = min(divergent)
         result.at_first_step = sorted(divergent[result.first_step], key=lambda r: -r[3])
-    result.first_by_layer = dict(sorted(result.first_by_layer.items(), key=lambda kv: kv[1][0]))
+    ordered = sorted(first.items(), key=lambda kv: kv[1][0])  # stable: forward order within a step
+    result.first_by_layer = {module: (step, metric) for module, (step, _gap, metric) in ordered}
     return result

@@ -100,8 +100,6 @@ class History:
         for name in modules:
             if name not in self._order:
                 at = order.index(previous) + 1 if previous is not None else 0
-                if previous is None and order:
-                    at = 0
                 order.insert(at, name)
                 self._order = dict.fromkeys(order)
             previous = name
