@@ -336,6 +336,16 @@ def test_sick_runs_raise_their_code_early(tmp_path, name):
         assert first_step(alerts, code) < steps
         alert = next(a for a in alerts if a.code == code)
         assert alert.hint and alert.message and alert.severity in ("warning", "error")
+    # where the symptom is one layer's, the alert names that layer
+    where = {
+        "stalled_layer_missing_from_optimizer": ("stalled_parameters", "net.0"),
+        "stalled_manual_optimization_without_step": ("stalled_parameters", None),
+        "vanishing_gradients_deep_sigmoid": ("vanishing_gradients", "net.0"),
+        "nan_loss_huge_lr": ("non_finite_gradients", "net.0"),
+    }
+    if name in where:
+        code, module = where[name]
+        assert {a.module for a in alerts if a.code == code} == {module}
     # the healthy-looking symptoms of each pathology do not include the unrelated static checks
     assert not ({"unshuffled_data", "batch_mixing", "small_batch_norm"} - expected) & found
 
