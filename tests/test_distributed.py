@@ -382,6 +382,11 @@ def test_ddp_two_gloo_processes(group):
     ranks, tmp_path = group
     r0, r1 = ranks
 
+    # the premise: each rank trained on its own half (rank r: samples r, r + 2, ...)
+    x = probe_data().tensors[0]
+    for r, result in enumerate(ranks):
+        torch.testing.assert_close(torch.cat(result["seen"]), x[r::2])
+
     # ---- activation statistics, dead units and gradient norms are global
     refs = [reference(Probe(), k) for k in range(2)]
     assert len(r0["snapshots"]) == 2 and r0["global_step"] == 2
