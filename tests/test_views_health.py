@@ -169,3 +169,17 @@ def test_no_logger_writes_no_files(tmp_path, monkeypatch, capsys):
     trainer.fit(TinyRegressor(), regression_loader())
     assert not list(tmp_path.rglob("health.*"))
     assert "lightning_watch health report" in capsys.readouterr().out
+
+
+def test_report_left_when_an_alert_raises(tmp_path):
+    from lightning_watch.alerts import AlertError
+
+    torch.manual_seed(0)
+    model = TinyRegressor()
+    model.net[0].bias.data.fill_(-10.0)
+    watch = Watch(report=False, pictures=False, alerts=EarlyAlerts(actions={"dead_units": "raise"}))
+    trainer = make_trainer(tmp_path, [watch], max_epochs=3)
+    with pytest.raises(AlertError):
+        trainer.fit(model, regression_loader())
+    report = json.loads(Path(trainer.log_dir, HEALTH_JSON).read_text())
+    assert any(a["code"] == "dead_units" for a in report["alerts"])

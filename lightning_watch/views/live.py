@@ -87,6 +87,14 @@ class WatchViews:
         except Exception as err:
             warn_once(("views.report", type(err).__name__), f"lightning_watch could not write its report: {err!r}")
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, alerts: list) -> None:
+        """Fit failed (e.g. an alert's ``"raise"`` action): still leave the report, single-process only.
+
+        Under DDP the other ranks may be anywhere, and resolving the log directory is a collective.
+        """
+        if getattr(trainer, "world_size", 1) == 1:
+            self.on_train_end(trainer, pl_module, alerts)
+
     # ------------------------------------------------------------------ helpers
     def _draw(self, trainer: pl.Trainer, step: int) -> None:
         if not trainer.is_global_zero or not tensorboard_loggers(trainer):
