@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
+from lightning_watch.alerts.engine import EarlyAlerts
 from lightning_watch.cadence import logging_step, steps_optimizer
 from lightning_watch.monitors import (
     ActivationScaleMonitor,
@@ -47,6 +48,9 @@ class Watch(Callback):
         log_every_n_steps, sample_every_n_steps, histogram_every_n_steps: cadence passed to
             every monitor built here (``None``: the Trainer's ``log_every_n_steps``, five samples
             per window, no histograms).
+        alerts: ``True`` (default) builds an :class:`~lightning_watch.EarlyAlerts` fed by this
+            Watch's snapshots; pass a configured ``EarlyAlerts`` to choose actions and thresholds,
+            or ``False`` for none. ``watch.alerts`` lists the alerts raised.
         report: print the health report (one row per layer, then the alerts) when fit ends;
             ``None`` follows the Trainer's ``enable_progress_bar``. ``health.md``/``health.json``
             in the log directory and TensorBoard text ``watch_report/health`` are written either way.
@@ -79,6 +83,7 @@ class Watch(Callback):
         log_every_n_steps: int | None = None,
         sample_every_n_steps: int | None = None,
         histogram_every_n_steps: int | None = None,
+        alerts: bool | EarlyAlerts = True,
         report: bool | None = None,
         pictures: bool = True,
     ) -> None:
@@ -108,6 +113,18 @@ class Watch(Callback):
         # end-of-fit health report and TensorBoard pictures (lightning_watch/views/)
         self.views = WatchViews(report=report, pictures=pictures)
         self.add_listener(self.views.on_snapshot)
+        if isinstance(alerts, bool):
+            alerts = EarlyAlerts() if alerts else None
+        elif not isinstance(alerts, EarlyAlerts):
+            raise ValueError(f"`alerts` must be True, False or an EarlyAlerts, got {alerts!r}.")
+        self.early_alerts: EarlyAlerts | None = alerts
+        if alerts is not None:
+            alerts._attach(self, log_every_n_steps, sample_every_n_steps)
+
+    @property
+    def alerts(self) -> list:
+        """The alerts raised so far (empty when alerts are off)."""
+        return self.early_alerts.alerts if self.early_alerts is not None else []
 
     @property
     def state_key(self) -> str:
@@ -129,6 +146,8 @@ class Watch(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for monitor in self.monitors:
             monitor.setup(trainer, pl_module, stage)
+        if self.early_alerts is not None:
+            self.early_alerts._setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for monitor in self.monitors:
@@ -137,22 +156,32 @@ class Watch(Callback):
         global_metrics = [m for monitor in self.monitors for m in monitor.GLOBAL_METRICS]
         add_layout(trainer, metrics, global_metrics)
         self.views.reset()
+        if self.early_alerts is not None:
+            self.early_alerts._on_fit_start(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.views.on_train_end(trainer, pl_module, getattr(self, "alerts", []))
+        self.views.on_train_end(trainer, pl_module, self.alerts)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.early_alerts is not None:
+            self.early_alerts._on_train_start(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for monitor in self.monitors:
             monitor.teardown(trainer, pl_module, stage)
+        if self.early_alerts is not None:
+            self.early_alerts._teardown(trainer, pl_module, stage)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         for monitor in self.monitors:
             monitor.on_exception(trainer, pl_module, exception)
-        self.views.on_exception(trainer, pl_module, getattr(self, "alerts", []))
+        self.views.on_exception(trainer, pl_module, self.alerts)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.early_alerts is not None:  # first: its one-time checks run before any hook is armed
+            self.early_alerts._on_train_batch_start(trainer, pl_module, batch, batch_idx)
         for monitor in self.monitors:
             monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
@@ -165,6 +194,8 @@ class Watch(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.early_alerts is not None:  # first: the loss joins this step's read
+            self.early_alerts._on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         for monitor in self.monitors:
             monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not steps_optimizer(trainer):
@@ -177,13 +208,20 @@ class Watch(Callback):
                 histograms.update(monitor._histograms())
         add_histograms(trainer, histograms, step)
         due = [m for m in self.monitors if m._cadence.is_log_step(step)]
+        if self.early_alerts is not None:  # the loss statistics join the same read
+            due += self.early_alerts._due_monitors(step)
         if due:
             self.last_snapshot = publish(trainer, pl_module, due, self._listeners)
 
     def state_dict(self) -> dict[str, Any]:
-        return {type(m).__name__: m.state_dict() for m in self.monitors}
+        state = {type(m).__name__: m.state_dict() for m in self.monitors}
+        if self.early_alerts is not None:
+            state["EarlyAlerts"] = self.early_alerts._engine_state()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for monitor in self.monitors:
             if type(monitor).__name__ in state_dict:
                 monitor.load_state_dict(state_dict[type(monitor).__name__])
+        if self.early_alerts is not None and "EarlyAlerts" in state_dict:
+            self.early_alerts._load_engine_state(state_dict["EarlyAlerts"])
