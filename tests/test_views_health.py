@@ -169,6 +169,10 @@ def test_no_logger_writes_no_files(tmp_path, monkeypatch, capsys):
     trainer.fit(TinyRegressor(), regression_loader())
     assert not list(tmp_path.rglob("health.*"))
     assert "lightning_watch health report" in capsys.readouterr().out
+    # fast_dev_run swaps the logger for a DummyLogger (log_dir None): no files either
+    trainer = make_trainer(tmp_path / "root", [Watch(report=False, pictures=False, alerts=False)], fast_dev_run=2)
+    trainer.fit(TinyRegressor(), regression_loader())
+    assert not list(tmp_path.rglob("health.*"))
 
 
 def test_report_left_when_an_alert_raises(tmp_path):
