@@ -150,3 +150,14 @@ def test_help_names_both_commands(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: lightning-watch") and "report LOGDIR" in out and "diff RUN_A RUN_B" in out
+
+
+def test_running_run_with_a_half_written_record_is_read(runs, tmp_path, capsys):
+    run = tmp_path / "running"
+    shutil.copytree(runs["a"], run)
+    event_file = next(run.glob("events.out.tfevents.*"))
+    event_file.write_bytes(event_file.read_bytes()[:-7])  # the writer is mid-record
+    assert check_event_file(str(event_file)) is None  # cut short at the end is not corruption
+    rc, out, _ = _run(capsys, "report", str(run), "--json", "-q")
+    payload = json.loads(out)
+    assert rc == 0 and not payload["skipped"] and len(payload["runs"][0]["layers"]) == 3
