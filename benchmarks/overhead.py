@@ -186,7 +186,7 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx == 5:  # past the first steps' one-time work, between two ordinary steps
-            self.held = held_bytes(self.watched)
+            self.held = held_bytes(self.watched, pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.device.type == "cuda":
@@ -225,14 +225,17 @@ class SyncProbe(pl.Callback):
         torch.cuda.set_sync_debug_mode(0)
 
 
-def held_bytes(roots: list[object]) -> int:
-    """Bytes of the tensors reachable from ``roots`` (callback state), the model and trainer excluded.
+def held_bytes(roots: list[object], model: nn.Module) -> int:
+    """Bytes of the tensors reachable from ``roots`` (callback state), the model's own excluded.
 
     What a callback keeps between steps: an O(number of watched modules) state is a few KiB; a
-    persistent copy of the weights would show as the model's size.
+    persistent copy of the weights would show as the model's size. References to the model's
+    parameters, gradients and buffers are not copies and are not counted.
     """
     seen: set[int] = set()
     storages: dict[int, int] = {}
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    owned |= {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
     stack = list(roots)
     while stack:
         obj = stack.pop()
@@ -250,7 +253,7 @@ def held_bytes(roots: list[object]) -> int:
             stack.extend(getattr(obj, "__dict__", {}).values())
             for name in getattr(type(obj), "__slots__", ()):
                 stack.append(getattr(obj, name, None))
-    return sum(storages.values())
+    return sum(size for ptr, size in storages.items() if ptr not in owned)
 
 
 def rss_reset() -> int | None:
