@@ -162,10 +162,6 @@ def test_watch_resume_keeps_windows_and_raised_alerts(tmp_path):
             assert math.isclose(g, w, rel_tol=1e-6, abs_tol=1e-9), (tag, g, w)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EarlyAlerts' LossMonitor persists only the initial loss, not its open window (sums, min, max)",
-)
 def test_watch_resume_continues_the_loss_window(tmp_path):
     fit(trainer_for(tmp_path / "whole", [watch()], TOTAL))
     first = trainer_for(tmp_path / "split", [watch()], STOP)

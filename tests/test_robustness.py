@@ -186,6 +186,7 @@ def test_compiled_model_keeps_gradient_statistics_and_warns_once_about_outputs(t
     import torch._dynamo
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # counters are process-wide: other tests compile too
     torch.manual_seed(0)
     model = TinyRegressor()
     model.compile(backend="eager")

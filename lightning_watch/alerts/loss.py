@@ -25,6 +25,8 @@ from lightning_watch.stats import StatBlock
 
 #: number of first training losses averaged into the "initial loss" the plateau/divergence rules compare with
 INITIAL_STEPS = 10
+#: losses kept on the device between folds into the window sums
+RING = 64
 
 
 def extract_loss(outputs: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
@@ -61,34 +63,57 @@ class LossMonitor(WatchMonitor):
 
     def _on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._allocate()
+        pending, self._pending_window = getattr(self, "_pending_window", None), None
+        if pending:
+            self._sums.copy_(torch.tensor(pending["sums"], dtype=self._sums.dtype))
+            self._low.fill_(pending["low"])
+            self._high.fill_(pending["high"])
+            self._initial[: len(pending["initial"])].copy_(torch.tensor(pending["initial"], dtype=self._sums.dtype))
 
     def _allocate(self) -> None:
-        # rows: finite sum, finite count, non-finite count, initial sum, initial count; then min, max
-        self._sums = torch.zeros(
-            5, dtype=torch.float64 if self._device.type != "mps" else torch.float32, device=self._device
-        )
-        self._low = torch.full((), math.inf, dtype=self._sums.dtype, device=self._device)
-        self._high = torch.full((), -math.inf, dtype=self._sums.dtype, device=self._device)
+        dtype = torch.float64 if self._device.type != "mps" else torch.float32
+        # folded window: finite sum, finite count, non-finite count; then min and max of finite losses
+        self._sums = torch.zeros(3, dtype=dtype, device=self._device)
+        self._low = torch.full((), math.inf, dtype=dtype, device=self._device)
+        self._high = torch.full((), -math.inf, dtype=dtype, device=self._device)
+        # Every step only copies its loss into a ring (one kernel, no sync); the ring is folded
+        # into the sums when it is full and when the window is read.
+        self._ring = torch.zeros(RING, dtype=dtype, device=self._device)
+        self._filled = 0
+        self._initial = torch.zeros(INITIAL_STEPS, dtype=dtype, device=self._device)
 
     def add(self, loss: Tensor) -> None:
-        """Accumulate one batch's loss on its device (no host sync)."""
+        """Record one batch's loss on its device: one copy kernel, no host sync."""
         if not hasattr(self, "_sums"):
             self._allocate()
-        loss = loss.to(self._sums)
-        finite = torch.isfinite(loss)
-        value = torch.where(finite, loss, torch.zeros_like(loss))
-        initial = self._initial_seen < INITIAL_STEPS
-        self._initial_seen += initial
-        one = finite.to(loss.dtype)
-        self._sums += torch.stack([value, one, 1 - one, value * initial, one * initial])
-        torch.minimum(self._low, torch.where(finite, loss, math.inf), out=self._low)
-        torch.maximum(self._high, torch.where(finite, loss, -math.inf), out=self._high)
+        self._ring[self._filled].copy_(loss)
+        self._filled += 1
+        if self._initial_seen < INITIAL_STEPS:
+            self._initial[self._initial_seen].copy_(loss)
+            self._initial_seen += 1
+        if self._filled == RING:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._filled:
+            return
+        losses = self._ring[: self._filled]
+        finite = torch.isfinite(losses)
+        count = finite.sum(dtype=losses.dtype)
+        self._sums += torch.stack([torch.where(finite, losses, 0.0).sum(), count, self._filled - count])
+        torch.minimum(self._low, torch.where(finite, losses, math.inf).amin(), out=self._low)
+        torch.maximum(self._high, torch.where(finite, losses, -math.inf).amax(), out=self._high)
+        self._filled = 0
 
     def _collect(self, trainer: pl.Trainer) -> StatBlock:
         block = StatBlock()
         if not hasattr(self, "_sums"):
             self._allocate()
-        block.add_sum(self._key("sums"), self._sums)
+        self._fold()
+        first = self._initial[: self._initial_seen]
+        finite = torch.isfinite(first)
+        initial = torch.stack([torch.where(finite, first, 0.0).sum(), finite.sum(dtype=first.dtype)])
+        block.add_sum(self._key("sums"), torch.cat([self._sums, initial]))
         block.add_min(self._key("low"), self._low)
         block.add_max(self._key("high"), self._high)
         return block
@@ -113,18 +138,29 @@ class LossMonitor(WatchMonitor):
         return self.initial_loss if math.isfinite(self.initial_loss) else self._provisional
 
     def _reset(self) -> None:
-        # the initial sums stay: they stop growing after INITIAL_STEPS losses
-        self._sums[:3] = 0
+        # the first losses stay: they stop growing after INITIAL_STEPS losses
+        self._sums.zero_()
         self._low.fill_(math.inf)
         self._high.fill_(-math.inf)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"initial_loss": self.initial_loss, "initial_seen": self._initial_seen}
+        state: dict[str, Any] = {"initial_loss": self.initial_loss, "initial_seen": self._initial_seen}
+        if hasattr(self, "_sums"):
+            # checkpoint saving is not a hot path: one host copy of the open window
+            self._fold()
+            state["window"] = {
+                "sums": self._sums.tolist(),
+                "low": self._low.item(),
+                "high": self._high.item(),
+                "initial": self._initial[: self._initial_seen].tolist(),
+            }
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial_loss = float(state_dict.get("initial_loss", math.nan))
         self._initial_seen = int(state_dict.get("initial_seen", 0))
-        if not math.isfinite(self.initial_loss):
+        self._pending_window = state_dict.get("window")
+        if not self._pending_window and not math.isfinite(self.initial_loss):
             self._initial_seen = 0  # measure the first losses of the resumed run instead
 
 
