@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
@@ -22,6 +23,19 @@ LAYOUT_CATEGORY = "lightning_watch"
 # One merged layout per TensorBoard writer: each monitor adds its metrics, and the whole layout
 # is rewritten, since TensorBoard keeps one layout per run.
 _layouts: weakref.WeakKeyDictionary[object, dict[str, list]] = weakref.WeakKeyDictionary()
+
+
+def run_log_dir(trainer: pl.Trainer) -> str | None:
+    """The run's log directory for our files (``alerts.jsonl``, ``health.md``), or ``None``.
+
+    Call it on every rank: ``trainer.log_dir`` is a broadcast under DDP. Without a real logger there
+    is no run directory (with ``logger=False`` Lightning answers the working directory, under
+    ``fast_dev_run`` a dummy logger's ``None``), and nothing should be written into the user's cwd.
+    """
+    log_dir = trainer.log_dir
+    if not log_dir or not trainer.loggers or isinstance(trainer.loggers[0], DummyLogger):
+        return None
+    return log_dir
 
 
 def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:

@@ -13,7 +13,7 @@ import warnings
 import lightning.pytorch as pl
 
 from lightning_watch.alerts.alert import Alert
-from lightning_watch.tensorboard import add_text
+from lightning_watch.tensorboard import add_text, run_log_dir
 
 #: the logger every alert is sent to
 logger = logging.getLogger("lightning_watch.alerts")
@@ -41,7 +41,7 @@ class AlertSinks:
 
     def start(self, trainer: pl.Trainer) -> None:
         """Resolve the log directory (on every rank: ``trainer.log_dir`` is a collective under DDP)."""
-        log_dir = trainer.log_dir or trainer.default_root_dir
+        log_dir = run_log_dir(trainer)
         self.path = os.path.join(log_dir, JSONL_NAME) if log_dir else None
 
     def emit(self, trainer: pl.Trainer, alert: Alert) -> None:

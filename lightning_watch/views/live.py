@@ -7,9 +7,8 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers.logger import DummyLogger
 
-from lightning_watch.tensorboard import add_text, tensorboard_loggers
+from lightning_watch.tensorboard import add_text, run_log_dir, tensorboard_loggers
 from lightning_watch.views.health import HealthReport
 from lightning_watch.views.history import History
 from lightning_watch.views.images import render_pictures
@@ -74,8 +73,7 @@ class WatchViews:
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, alerts: list) -> None:
         try:
-            # `trainer.log_dir` broadcasts under DDP: every rank asks, rank zero writes
-            log_dir = trainer.log_dir
+            log_dir = run_log_dir(trainer)  # a broadcast under DDP: every rank asks, rank zero writes
             self.last_report = HealthReport.build(self.history, alerts)
             if not trainer.is_global_zero:
                 return
@@ -108,9 +106,7 @@ class WatchViews:
         add_text(trainer, REPORT_TAG, report.to_markdown(), max(report.last_step, 0))
         for logger in tensorboard_loggers(trainer):
             logger.experiment.flush()
-        # no files without a real logger: with `logger=False` Lightning's `log_dir` is the working
-        # directory, and under `fast_dev_run` (a DummyLogger) it is None
-        if log_dir and trainer.loggers and not isinstance(trainer.loggers[0], DummyLogger):
+        if log_dir:
             os.makedirs(log_dir, exist_ok=True)
             with open(os.path.join(log_dir, HEALTH_MD), "w", encoding="utf-8") as f:
                 f.write(report.to_markdown() + "\n")
