@@ -185,8 +185,10 @@ class StepTimer(pl.Callback):
         self.starts: list[float] = []
         self.is_log: list[bool] = []
         self.held = 0
+        self.last_end = self.end_of_fit = 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.last_end = time.perf_counter()
         if batch_idx == 5:  # past the first steps' one-time work, between two ordinary steps
             self.held = held_bytes(self.watched, pl_module)
 
@@ -200,7 +202,10 @@ class StepTimer(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        self.starts.append(time.perf_counter())
+        # the last step ends with its batch; what the callbacks do at the end of fit (a report,
+        # final pictures) runs once per fit and is reported apart
+        self.starts.append(self.last_end)
+        self.end_of_fit = time.perf_counter() - self.last_end
 
     def mean_step(self, warmup: int) -> float:
         """Mean time of every step after warm-up: sampled, logging and drawing steps included."""
@@ -291,6 +296,7 @@ class Run:
     peak_bytes: int | None = None  # CUDA: max allocated; CPU: peak RSS growth during the fit
     held: int = 0  # tensor bytes the callbacks hold between steps
     mean: float = 0.0  # mean of every step after warm-up
+    end_of_fit: float = 0.0  # seconds spent in on_train_end hooks
 
     @property
     def median(self) -> float:
@@ -302,6 +308,7 @@ class Result:
     ratios: list[float] = field(default_factory=list)
     mean_ratios: list[float] = field(default_factory=list)
     log_extra_ms: list[float] = field(default_factory=list)
+    end_extra_ms: list[float] = field(default_factory=list)
     drift: list[float] = field(default_factory=list)
     peak_ratio: list[float] = field(default_factory=list)
     peak_extra_mib: list[float] = field(default_factory=list)
@@ -353,7 +360,7 @@ def run_once(workload: str, config: str, steps: int, log_every: int, device: tor
     else:
         hwm = _status_bytes("VmHWM")
         peak = hwm - rss_start if hwm is not None and rss_start is not None else None
-    return Run(plain, logged, peak, timer.held, timer.mean_step(warmup))
+    return Run(plain, logged, peak, timer.held, timer.mean_step(warmup), timer.end_of_fit)
 
 
 def bench_workload(workload: str, configs: list[str], args, device: torch.device) -> dict[str, Result]:
@@ -369,6 +376,7 @@ def bench_workload(workload: str, configs: list[str], args, device: torch.device
             run = runs[config]
             result.ratios.append(run.median / bare.median)
             result.mean_ratios.append(run.mean / bare.mean)
+            result.end_extra_ms.append((run.end_of_fit - bare.end_of_fit) * 1e3)
             result.bare_ms.append(bare.median * 1e3)
             if run.logged and bare.logged:
                 result.log_extra_ms.append((statistics.median(run.logged) - statistics.median(bare.logged)) * 1e3)
@@ -485,9 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     memory = "extra peak CUDA memory, MiB" if device.type == "cuda" else "extra peak RSS, MiB"
     print(f"| workload | log every | configuration | step-time ratio vs bare | budget | all steps, mean ratio | "
-          f"logging step, extra ms | "
+          f"logging step, extra ms | end of fit, extra ms | "
           f"late/early steps | {memory} | state held, KiB | host syncs off logging steps |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload, every, config, result, sync in rows:
         budget = WORKLOADS[workload][3]
         if device.type == "cuda":
@@ -500,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {workload} (bare {statistics.median(result.bare_ms):.1f} ms) | {every} | {config} | "
             f"{fmt_ratio(result.ratios)} | {verdict} | {fmt_ratio(result.mean_ratios)} | {extra} | "
+            f"{fmt_num(result.end_extra_ms, sign='')} | "
             f"{fmt_ratio(result.drift)} | "
             f"{fmt_num(result.peak_extra_mib)} | {fmt_num(result.held_kib, sign='')} | {sync} |"
         )
