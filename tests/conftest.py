@@ -59,6 +59,24 @@ def regression_loader(n: int = 64, in_features: int = 4, batch_size: int = 16, s
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
 
 
+def join_two_process_group(rank: int, port: int) -> None:
+    """Environment of rank ``rank`` of a 2-process CPU group on loopback, as torchrun would set it.
+
+    DDP tests start their two processes themselves (``torch.multiprocessing.spawn``) and run
+    Lightning's ``strategy="ddp"`` inside: one start serves several fits, and it avoids the rare
+    exit aborts seen with ``ddp_spawn`` on this machine.
+    """
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+
+
 def make_trainer(tmp_path: Path, callbacks, **kwargs) -> pl.Trainer:
     """A quiet CPU Trainer writing TensorBoard logs under ``tmp_path``."""
     defaults = {

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import join_two_process_group, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -286,15 +286,7 @@ _rank_one_rule.codes = ("rank_local",)
 
 
 def _ddp_worker(rank: int, out: str, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
-    torch.set_num_threads(1)
+    join_two_process_group(rank, port)
     try:
         results = {}
         # a finding on one rank only: the stop is agreed, so both ranks stop at the same step

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +17,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_trainer, read_scalars
+from conftest import join_two_process_group, make_trainer, read_scalars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -246,15 +245,7 @@ def _sharded_reduction(rank: int) -> dict[str, float]:
 
 
 def _worker(rank: int, out: str, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
-    torch.set_num_threads(1)
+    join_two_process_group(rank, port)
     out = Path(out)
     result: dict = {"rank": rank}
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_trainer, read_scalars
+from conftest import join_two_process_group, make_trainer, read_scalars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -524,11 +524,7 @@ def _ddp_worker(rank: int, out: str, port: int) -> None:
     so that one start serves four fits; each fit still runs Lightning's DDP strategy (the model
     wrapped in DistributedDataParallel, a DistributedSampler, one gradient all-reduce per step).
     """
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
-    )
-    os.environ["NODE_RANK"] = "0"
-    torch.set_num_threads(1)
+    join_two_process_group(rank, port)
     results = {}
     try:
         for mode in ("auto", "manual"):
