@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from conftest import make_trainer, read_scalars
 from torch import nn
