@@ -84,3 +84,24 @@ def test_without_matplotlib_one_warning_and_everything_else_works(tmp_path, monk
     assert not _images(trainer.log_dir)
     assert "watch/grad_norm/net.0" in read_scalars(trainer.log_dir)
     assert watch.views.last_report is not None and watch.views.last_report.rows
+
+
+def test_periodic_pictures_stay_within_their_time_budget(monkeypatch):
+    import time
+
+    from lightning_watch.snapshot import Snapshot
+    from lightning_watch.views.live import WatchViews
+
+    views = WatchViews(report=False, picture_every=1, picture_budget=0.01)
+    views.reset()
+    drawn = []
+
+    def slow_draw(trainer, step):
+        drawn.append(step)
+        time.sleep(0.02)  # as if matplotlib took 20 ms
+
+    monkeypatch.setattr(views, "_draw", slow_draw)
+    for step in range(20):
+        views.on_snapshot(None, None, Snapshot(step=step, epoch=0))
+    # the first draw is free; the next one would need 100x its cost (2 s) of training first
+    assert drawn == [0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,6 +31,9 @@ class WatchViews:
             way, on rank zero.
         pictures: draw the heat maps and gradient-flow chart into TensorBoard (needs matplotlib).
         picture_every: draw every this many logging publications (and once at the end of fit).
+        picture_budget: largest share of the fit's wall time that periodic drawing may take; a due
+            picture is skipped while drawing has already cost more (matplotlib takes a few tenths
+            of a second per set of pictures, which is many training steps of a small model).
         history: points kept per layer and metric (bounds memory).
 
     Raises:
@@ -42,7 +46,12 @@ class WatchViews:
     """
 
     def __init__(
-        self, report: bool | None = None, pictures: bool = True, picture_every: int = 10, history: int = 256
+        self,
+        report: bool | None = None,
+        pictures: bool = True,
+        picture_every: int = 10,
+        history: int = 256,
+        picture_budget: float = 0.01,
     ) -> None:
         if report is not None and not isinstance(report, bool):
             raise ValueError(f"`report` must be True, False or None, got {report!r}.")
@@ -50,6 +59,9 @@ class WatchViews:
             raise ValueError(f"`pictures` must be True or False, got {pictures!r}.")
         if not isinstance(picture_every, int) or isinstance(picture_every, bool) or picture_every < 1:
             raise ValueError(f"`picture_every` must be a positive int, got {picture_every!r}.")
+        if isinstance(picture_budget, bool) or not isinstance(picture_budget, (int, float)) or picture_budget <= 0:
+            raise ValueError(f"`picture_budget` must be a positive share such as 0.01, got {picture_budget!r}.")
+        self.picture_budget = float(picture_budget)
         self.report = report
         self.pictures = pictures
         self.picture_every = picture_every
@@ -60,14 +72,18 @@ class WatchViews:
     def reset(self) -> None:
         self.history = History(maxlen=self.history.maxlen)
         self._published = 0
+        self._started = time.perf_counter()
+        self._drawing = 0.0  # seconds spent drawing periodic pictures in this fit
 
     # ------------------------------------------------------------------ hooks (never raise into training)
     def on_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: Any) -> None:
         try:
             self.history.add_snapshot(snapshot)
             self._published += 1
-            if self.pictures and self._published % self.picture_every == 0:
+            if self.pictures and self._published % self.picture_every == 0 and self._within_budget():
+                begin = time.perf_counter()
                 self._draw(trainer, snapshot.step)
+                self._drawing += time.perf_counter() - begin
         except Exception as err:  # a drawing failure must not stop training
             warn_once(("views.snapshot", type(err).__name__), f"lightning_watch views skipped a step: {err!r}")
 
@@ -95,6 +111,10 @@ class WatchViews:
             self.on_train_end(trainer, pl_module, alerts)
 
     # ------------------------------------------------------------------ helpers
+    def _within_budget(self) -> bool:
+        elapsed = time.perf_counter() - getattr(self, "_started", time.perf_counter())
+        return getattr(self, "_drawing", 0.0) <= self.picture_budget * elapsed
+
     def _draw(self, trainer: pl.Trainer, step: int) -> None:
         if not trainer.is_global_zero or not tensorboard_loggers(trainer):
             return
