@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits_mlp import DigitsMLP, digits_loaders  # noqa: E402
+from digits_mlp import DigitsMLP, digits_loaders
 
-from lightning_watch import Watch  # noqa: E402
+from lightning_watch import Watch
 
 
 class DeepDigitsMLP(DigitsMLP):
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     for layer in sick:
         if layer in healthy:
             print(f"{layer:<10}{healthy[layer]:>16.0%}{sick[layer]:>16.0%}")
-    print(f"\nLook at watch/dead_frac in TensorBoard:\n  tensorboard --logdir {os.path.join(args.logdir, 'dying_relu')}")
+    logdir = os.path.join(args.logdir, "dying_relu")
+    print(f"\nLook at watch/dead_frac in TensorBoard:\n  tensorboard --logdir {logdir}")
 
 
 if __name__ == "__main__":
