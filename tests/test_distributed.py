@@ -8,6 +8,8 @@ differ in sign pattern and scale), so a rank-local statistic cannot pass for a g
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import warnings
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_watch import EarlyAlerts, Watch
 from lightning_watch.alerts import AlertError
 from lightning_watch.alerts.alert import Alert
+from lightning_watch.command import main as command_main
 from lightning_watch.monitors import GradientNormMonitor, ParameterDeltaMonitor
 from lightning_watch.monitors._base import strategy_shards_parameters
 from lightning_watch.monitors._params import ParameterTable
@@ -478,6 +481,12 @@ def test_ddp_spawn_writes_global_statistics_from_rank_zero(tmp_path):
         assert math.isclose(scalars["watch/act_rms/fc1"][k][1], ref["fc1.rms"], rel_tol=1e-5)
         assert math.isclose(scalars["watch/dead_frac/act"][k][1], ref["act.dead"], rel_tol=1e-6)
         assert math.isclose(scalars["watch/grad_norm/fc1"][k][1], ref["fc1.grad"], rel_tol=1e-5)
+    # the command line reads a DDP run's directory back like any other
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert command_main(["report", str(tmp_path / "tb"), "--json", "-q"]) == 0
+    layers = {row["layer"]: row for run in json.loads(out.getvalue())["runs"] for row in run["layers"]}
+    assert math.isclose(layers["fc1"]["grad_norm"], scalars["watch/grad_norm/fc1"][-1][1], rel_tol=1e-6)
 
 
 def test_sync_batch_norm_counts_the_global_batch():
