@@ -55,14 +55,17 @@ class ModuleInfo:
 class CapturedOutput:
     """One call's output, measured lazily: each statistic is computed at most once per call."""
 
-    __slots__ = ("_alive", "_margin", "_moments", "info", "tensor")
+    __slots__ = ("_alive", "_margin", "_moments", "info", "producer", "tensor")
 
-    def __init__(self, info: ModuleInfo, tensor: Tensor, margin: float) -> None:
+    def __init__(self, info: ModuleInfo, tensor: Tensor, margin: float, producer: nn.Module | None = None) -> None:
         self.info = info
         self.tensor = tensor
         self._moments: Moments | None = None
         self._alive: Tensor | None = None
         self._margin = margin
+        #: the layer whose output this module received, when the engine saw it run; else the
+        #: registration-order guess of :class:`ModuleInfo`
+        self.producer = producer if producer is not None else info.producer
 
     def moments(self) -> Moments:
         if self._moments is None:
@@ -71,7 +74,7 @@ class CapturedOutput:
 
     def alive(self) -> Tensor:
         if self._alive is None:
-            dim = unit_dim(self.info.module, self.tensor, self.info.producer)
+            dim = unit_dim(self.info.module, self.tensor, self.producer)
             self._alive = alive_units(self.tensor, dim)
         return self._alive
 
@@ -131,6 +134,8 @@ class CaptureEngine:
         self._armed: dict[nn.Module, list[tuple[OutputSubscriber, int]]] = {}
         self._handles: dict[nn.Module, RemovableHandle] = {}
         self._disabled: set[nn.Module] = set()
+        # the last hooked parametrized module that ran: the producer of the next activation's input
+        self._last_layer: nn.Module | None = None
         #: total hook invocations, for tests that prove one pass per module call
         self.hook_calls = 0
         self.compiled = is_compiled(model)
@@ -195,6 +200,7 @@ class CaptureEngine:
                 "parameter deltas and gradient-based dead units of Linear/Conv layers still work.",
             )
             return
+        self._last_layer = None
         for index, info in enumerate(self._subscriptions.get(subscriber, ())):
             if info.module in self._disabled:
                 continue
@@ -216,11 +222,16 @@ class CaptureEngine:
                     handle.remove()
 
     def _make_hook(self, info: ModuleInfo):
+        is_layer = owns_parameters(info.module)
+
         def hook(module: nn.Module, args: object, output: object) -> None:
             self.hook_calls += 1
             armed = self._armed.get(module)
             if not armed:
                 return
+            producer = self._last_layer
+            if is_layer:
+                self._last_layer = module
             tensor = primary_tensor(output)
             if tensor is None or not is_measurable(tensor):
                 kind = "no tensor" if tensor is None else f"a {tensor.dtype} tensor"
@@ -230,7 +241,7 @@ class CaptureEngine:
                     "its output statistics are skipped.",
                 )
                 return
-            captured = CapturedOutput(info, tensor, self.saturation_margin)
+            captured = CapturedOutput(info, tensor, self.saturation_margin, None if is_layer else producer)
             try:
                 for subscriber, index in armed:
                     subscriber.consume(index, captured)
