@@ -33,6 +33,18 @@ def steps_optimizer(trainer: pl.Trainer) -> bool:
     return not trainer.fit_loop.epoch_loop._should_accumulate()
 
 
+#: Fewest steps between two writes when the interval is inherited from the Trainer. A Trainer's
+#: ``log_every_n_steps=1`` usually asks for a per-step loss curve; per-layer statistics on every
+#: step would cost 30-50 % of a small model's step (benchmarks/overhead.py), so they are written
+#: every 10 steps unless the callback's own ``log_every_n_steps`` asks for more.
+MIN_INHERITED_LOG_INTERVAL = 10
+
+#: Fewest steps between two sampled batches when ``sample_every_n_steps`` is not given: a
+#: sampled batch pays a forward hook and a few reductions per watched output, so at most one
+#: batch in five pays it by default.
+MIN_DEFAULT_SAMPLE_INTERVAL = 5
+
+
 @dataclass
 class Cadence:
     """Resolved intervals: ``log`` for writing, ``sample`` for forward/gradient sampling.
@@ -46,6 +58,8 @@ class Cadence:
     log: int
     sample: int
     histogram: int | None = None
+    #: the Trainer's ``log_every_n_steps`` when :data:`MIN_INHERITED_LOG_INTERVAL` raised it, else None
+    raised_from: int | None = None
 
     @classmethod
     def resolve(
@@ -54,15 +68,30 @@ class Cadence:
         log_every_n_steps: int | None,
         sample_every_n_steps: int | None,
         histogram_every_n_steps: int | None = None,
+        min_inherited_log: int = MIN_INHERITED_LOG_INTERVAL,
     ) -> Cadence:
-        log = log_every_n_steps or max(1, int(trainer.log_every_n_steps or 1))
+        inherited = max(1, int(trainer.log_every_n_steps or 1))
+        log = log_every_n_steps or max(min_inherited_log, inherited)
+        raised_from = inherited if log_every_n_steps is None and log > inherited else None
         if trainer.fast_dev_run:
             # a dev run exists to exercise every code path on a few batches: ours included
             log = sample_every_n_steps = 1
+            raised_from = None
         # Default: five samples per logging window, so dead-unit windows see several batches while
-        # most batches run with no hook at all (measured: benchmarks/overhead.py).
-        sample = sample_every_n_steps or max(1, log // 5)
-        return cls(log=log, sample=min(sample, log), histogram=histogram_every_n_steps)
+        # most batches run with no hook at all (measured: benchmarks/overhead.py), and never more
+        # than one batch in MIN_DEFAULT_SAMPLE_INTERVAL.
+        sample = sample_every_n_steps or max(log // 5, MIN_DEFAULT_SAMPLE_INTERVAL)
+        return cls(log=log, sample=min(sample, log), histogram=histogram_every_n_steps, raised_from=raised_from)
+
+    def floor_notice(self, callback: str) -> str | None:
+        """A one-line explanation when the Trainer's interval was raised, for the fit-start log."""
+        if self.raised_from is None:
+            return None
+        return (
+            f"{callback} writes its statistics every {self.log} steps, not every {self.raised_from} like the "
+            f"Trainer's `log_every_n_steps`: per-layer statistics on every step would slow small models by "
+            f"30-50 %. Pass `log_every_n_steps={self.raised_from}` to {callback} to have them that often."
+        )
 
     def is_log_step(self, step: int) -> bool:
         return (step + 1) % self.log == 0

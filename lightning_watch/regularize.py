@@ -158,7 +158,8 @@ class ActivityRegularizer(Callback):
             return
         self._uninstall()  # a second fit with the same callback starts clean
         targets = self._resolve(pl_module)
-        self._cadence = Cadence.resolve(trainer, self._log_every_n_steps, None)
+        # the penalty is a few scalars computed every step anyway: it follows the Trainer exactly, like the loss
+        self._cadence = Cadence.resolve(trainer, self._log_every_n_steps, None, min_inherited_log=1)
         self._automatic = pl_module.automatic_optimization
         self._targets = targets
         self._pending = [None] * len(self.rules)

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
 from lightning_watch.alerts.engine import EarlyAlerts
@@ -46,8 +47,9 @@ class Watch(Callback):
         include, exclude, types: module selection passed to every monitor built here (each
             monitor's default selection applies when all three are ``None``).
         log_every_n_steps, sample_every_n_steps, histogram_every_n_steps: cadence passed to
-            every monitor built here (``None``: the Trainer's ``log_every_n_steps``, five samples
-            per window, no histograms).
+            every monitor built here (``None``: the Trainer's ``log_every_n_steps`` but at least
+            10, five samples per window but at most one batch in five, no histograms; see
+            :mod:`lightning_watch.cadence`).
         alerts: ``True`` (default) builds an :class:`~lightning_watch.EarlyAlerts` fed by this
             Watch's snapshots; pass a configured ``EarlyAlerts`` to choose actions and thresholds,
             or ``False`` for none. ``watch.alerts`` lists the alerts raised.
@@ -155,6 +157,9 @@ class Watch(Callback):
         metrics = [m for monitor in self.monitors for m in monitor.METRICS]
         global_metrics = [m for monitor in self.monitors for m in monitor.GLOBAL_METRICS]
         add_layout(trainer, metrics, global_metrics)
+        notice = next(filter(None, (m._cadence.floor_notice("Watch") for m in self.monitors)), None)
+        if notice:
+            rank_zero_info(notice)
         self.views.reset()
         if self.early_alerts is not None:
             self.early_alerts._on_fit_start(trainer, pl_module)

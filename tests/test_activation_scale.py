@@ -125,7 +125,9 @@ class Twice(TinyRegressor):
 
 def test_every_call_of_a_module_counts(tmp_path):
     reference = StoreOutputs(["net.0", "net.1"])
-    trainer = make_trainer(tmp_path, [reference, ActivationScaleMonitor(log_every_n_steps=2)], max_steps=2)
+    trainer = make_trainer(
+        tmp_path, [reference, ActivationScaleMonitor(log_every_n_steps=2, sample_every_n_steps=1)], max_steps=2
+    )
     trainer.fit(Twice(), regression_loader())
     scalars = read_scalars(trainer.logger.log_dir)
     for name in ("net.0", "net.1"):

@@ -71,7 +71,7 @@ def test_global_norm_covers_every_stepped_parameter_whatever_is_watched(tmp_path
     model = TinyRegressor()
     net = copy.deepcopy(model.net)
     recorder = RecordInputs()
-    trainer = make_trainer(tmp_path, [recorder, GradientNormMonitor(include="net.2")], max_steps=1)
+    trainer = make_trainer(tmp_path, [recorder, GradientNormMonitor(include="net.2", log_every_n_steps=1)], max_steps=1)
     trainer.fit(model, regression_loader())
     scalars = read_scalars(trainer.logger.log_dir)
     grads = reference_grads(net, recorder, 0)
@@ -133,7 +133,9 @@ def test_per_parameter_tags(tmp_path):
     model = TinyRegressor()
     net = copy.deepcopy(model.net)
     recorder = RecordInputs()
-    trainer = make_trainer(tmp_path, [recorder, GradientNormMonitor(per_parameter=True)], max_steps=1)
+    trainer = make_trainer(
+        tmp_path, [recorder, GradientNormMonitor(per_parameter=True, log_every_n_steps=1)], max_steps=1
+    )
     trainer.fit(model, regression_loader())
     scalars = read_scalars(trainer.logger.log_dir)
     grads = reference_grads(net, recorder, 0)
@@ -170,7 +172,7 @@ def test_frozen_modules_are_not_reported_and_unstepped_ones_are(tmp_path):
     model.net[3].requires_grad_(False)
     net = copy.deepcopy(model.net)
     recorder = RecordInputs()
-    trainer = make_trainer(tmp_path, [recorder, GradientNormMonitor()], max_steps=1)
+    trainer = make_trainer(tmp_path, [recorder, GradientNormMonitor(log_every_n_steps=1)], max_steps=1)
     trainer.fit(model, regression_loader())
     scalars = read_scalars(trainer.logger.log_dir)
     grads = reference_grads(net, recorder, 0)

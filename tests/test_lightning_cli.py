@@ -28,6 +28,10 @@ from lightning_watch import (
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+#: steps per CLI run: callbacks that follow the Trainer write every 10 steps at least (cadence floor)
+STEPS = 10
+
+
 @pytest.fixture(scope="module")
 def cli_train():
     spec = importlib.util.spec_from_file_location("cli_train", EXAMPLES / "cli_train.py")
@@ -40,7 +44,7 @@ def run_cli(cli_train, config: Path, root: Path, *extra: str):
     args = [
         "fit",
         f"--config={config}",
-        "--trainer.max_steps=4",
+        f"--trainer.max_steps={STEPS}",
         "--trainer.log_every_n_steps=2",
         "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false",
@@ -76,7 +80,7 @@ def test_example_config_runs_through_example_script(cli_train, tmp_path):
     assert watch.early_alerts.actions == {"non_finite_loss": "stop"}
     assert watch.early_alerts.settings["dead_units"]["threshold"] == 0.5
     assert [r.name for r in reg.rules] == ["encoder.2"]
-    assert cli.trainer.global_step == 4
+    assert cli.trainer.global_step == STEPS
     # and the fit wrote what the configuration asked for
     tags = set(read_scalars(tmp_path / "tb"))
     assert "watch/grad_norm/encoder.0.weight" in tags  # per_parameter
@@ -120,10 +124,12 @@ def test_every_callback_standalone_from_yaml(cli_train, tmp_path):
     assert acts._selection.types == (nn.Tanh, nn.ReLU) and acts.validation is True
     assert by_type[DeadUnitMonitor]._sample_every_n_steps == 1
     scalars = read_scalars(tmp_path / "tb")
-    assert [s for s, _ in scalars["watch/grad_norm/encoder.0"]] == [0, 1, 2, 3]  # its own cadence
+    assert [s for s, _ in scalars["watch/grad_norm/encoder.0"]] == list(range(STEPS))  # its own cadence
     assert "watch/grad_norm/head" in scalars and "watch/grad_norm/encoder.1" not in scalars  # no parameters
     assert "watch/update_ratio/encoder.0" in scalars and "watch/update_ratio/head" not in scalars
-    assert [s for s, _ in scalars["watch/val_act_rms/encoder.3"]] == [1, 3]  # validation=True, after steps 1 and 3
+    assert [s for s, _ in scalars["watch/val_act_rms/encoder.3"]] == list(
+        range(1, STEPS, 2)
+    )  # validation=True, every 2 steps
 
 
 def test_early_alerts_and_regularizer_standalone_from_yaml(cli_train, tmp_path):
@@ -158,7 +164,7 @@ def test_early_alerts_and_regularizer_standalone_from_yaml(cli_train, tmp_path):
     assert alerts.settings["dead_units"]["threshold"] == 0.9 and "loss_plateau" in alerts.disabled
     assert [r.name for r in reg.rules] == ["encoder.1"]
     scalars = read_scalars(tmp_path / "tb")
-    assert [s for s, _ in scalars["watch/global/loss"]] == [0, 1, 2, 3]  # the private Watch's cadence
+    assert [s for s, _ in scalars["watch/global/loss"]] == list(range(STEPS))  # the private Watch's cadence
 
 
 def test_bad_value_in_yaml_fails_with_the_callbacks_message(cli_train, tmp_path, capsys):

@@ -71,7 +71,7 @@ def test_nonfinite_gradients_are_counted_not_hidden(tmp_path):
 def test_per_parameter_norms(tmp_path):
     torch.manual_seed(0)
     ref = RecordGrads()
-    trainer = make_trainer(tmp_path, [ref, GradientNormMonitor(per_parameter=True)], max_steps=1)
+    trainer = make_trainer(tmp_path, [ref, GradientNormMonitor(per_parameter=True, log_every_n_steps=1)], max_steps=1)
     trainer.fit(TinyRegressor(), regression_loader())
     scalars = read_scalars(trainer.logger.log_dir)
     for name in ("net.0.weight", "net.2.bias"):
@@ -254,11 +254,17 @@ def test_watch_equals_the_monitors_alone(tmp_path):
     """Watch shares hooks and one read, but must log exactly what each monitor logs alone."""
     torch.manual_seed(0)
     model = TinyRegressor()
-    alone = [GradientNormMonitor(), ParameterDeltaMonitor(), ActivationScaleMonitor(), DeadUnitMonitor()]
+    every = {"log_every_n_steps": 2, "sample_every_n_steps": 1}
+    alone = [
+        GradientNormMonitor(**every),
+        ParameterDeltaMonitor(**every),
+        ActivationScaleMonitor(**every),
+        DeadUnitMonitor(**every),
+    ]
     model_b = copy.deepcopy(model)
     ta = make_trainer(tmp_path / "a", alone, max_steps=4, log_every_n_steps=2)
     ta.fit(model, regression_loader())
-    tb = make_trainer(tmp_path / "b", [Watch(alerts=False)], max_steps=4, log_every_n_steps=2)
+    tb = make_trainer(tmp_path / "b", [Watch(alerts=False, **every)], max_steps=4, log_every_n_steps=2)
     tb.fit(model_b, regression_loader())
     a, b = read_scalars(ta.logger.log_dir), read_scalars(tb.logger.log_dir)
     watch_tags = {t for t in a if t.startswith("watch/")}

@@ -118,7 +118,7 @@ def test_watch_reads_the_device_once_per_logging_step_and_never_otherwise(tmp_pa
     """Every monitor measuring every step (the worst case), gradient clipping on, no alerts."""
     phase, calls = reads
     torch.manual_seed(0)
-    watch = Watch(sample_every_n_steps=1, alerts=False)
+    watch = Watch(log_every_n_steps=LOG_EVERY, sample_every_n_steps=1, alerts=False)
     trainer = make_trainer(tmp_path, [phase, watch], max_steps=12, log_every_n_steps=LOG_EVERY, gradient_clip_val=1.0)
     trainer.fit(Deep(), regression_loader(n=256))
 
@@ -143,7 +143,9 @@ def test_default_watch_with_alerts_reads_only_the_cpu_loss_flag_off_logging_step
     """
     phase, calls = reads
     torch.manual_seed(0)
-    trainer = make_trainer(tmp_path, [phase, Watch()], max_steps=12, log_every_n_steps=LOG_EVERY)
+    trainer = make_trainer(
+        tmp_path, [phase, Watch(log_every_n_steps=LOG_EVERY)], max_steps=12, log_every_n_steps=LOG_EVERY
+    )
     trainer.fit(Deep(), regression_loader(n=256, shuffle=True))
 
     plain = [c for c in calls if c[0] == "plain"]
@@ -182,7 +184,12 @@ def test_no_sync_on_a_gpu_off_logging_steps(tmp_path):
     x = torch.randn(256, 4, generator=g)
     data = DataLoader(TensorDataset(x.cuda(), x.sum(1, keepdim=True).cuda()), batch_size=16, shuffle=False)
     try:
-        for callbacks in ([], [Watch()], [Watch(sample_every_n_steps=1, histogram_every_n_steps=LOG_EVERY)]):
+        every = {"log_every_n_steps": LOG_EVERY}
+        for callbacks in (
+            [],
+            [Watch(**every)],
+            [Watch(**every, sample_every_n_steps=1, histogram_every_n_steps=LOG_EVERY)],
+        ):
             trap = SyncTrap()
             torch.manual_seed(0)
             with warnings.catch_warnings():

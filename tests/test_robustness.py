@@ -117,7 +117,8 @@ class OddModel(TinyRegressor):
 def test_odd_outputs_degrade_with_one_warning_each(tmp_path):
     torch.manual_seed(0)
     model = OddModel()
-    monitor = Watch(include=["lstm_tf", "lstm_bf", "packed", "attn", "dict_out", "none_out", "int_out", "head"])
+    names = ["lstm_tf", "lstm_bf", "packed", "attn", "dict_out", "none_out", "int_out", "head"]
+    monitor = Watch(include=names, log_every_n_steps=2, sample_every_n_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = make_trainer(tmp_path, [monitor], max_steps=6, log_every_n_steps=2)
@@ -141,7 +142,9 @@ def test_a_failing_statistic_disables_that_module_not_the_run(tmp_path, monkeypa
 
     monkeypatch.setattr(ActivationScaleMonitor, "consume", boom)
     with pytest.warns(WatchWarning, match="kaboom"):
-        make_trainer(tmp_path, [ActivationScaleMonitor()], max_steps=3).fit(model, regression_loader())
+        make_trainer(tmp_path, [ActivationScaleMonitor(log_every_n_steps=1)], max_steps=3).fit(
+            model, regression_loader()
+        )
     assert _hook_count(model) == 0
 
 

@@ -20,7 +20,7 @@ from lightning_watch.views.live import HEALTH_JSON
 
 def _fit(root: Path, lr: float) -> str:
     torch.manual_seed(0)
-    trainer = make_trainer(root, [Watch(report=False, pictures=False)], max_epochs=2)
+    trainer = make_trainer(root, [Watch(report=False, pictures=False, log_every_n_steps=1)], max_epochs=2)
     trainer.fit(TinyRegressor(lr=lr), regression_loader())
     return trainer.log_dir
 

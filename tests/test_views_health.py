@@ -21,7 +21,7 @@ from lightning_watch.views.live import HEALTH_JSON, HEALTH_MD, REPORT_TAG, Watch
 
 def _fit(tmp_path, model=None, epochs=3, **watch_kwargs):
     torch.manual_seed(0)
-    watch = Watch(pictures=False, **watch_kwargs)
+    watch = Watch(pictures=False, **{"log_every_n_steps": 1, **watch_kwargs})
     trainer = make_trainer(tmp_path, [watch], max_epochs=epochs)
     trainer.fit(model or TinyRegressor(), regression_loader())
     return watch, trainer
@@ -102,7 +102,10 @@ def test_stopped_by_alert_report_lists_alerts_with_hints(dead_run):
 def test_printing_follows_report_and_progress_bar(tmp_path, capsys, report, progress_bar, printed):
     torch.manual_seed(0)
     trainer = make_trainer(
-        tmp_path, [Watch(report=report, pictures=False, alerts=False)], max_steps=2, enable_progress_bar=progress_bar
+        tmp_path,
+        [Watch(report=report, pictures=False, alerts=False, log_every_n_steps=1)],
+        max_steps=2,
+        enable_progress_bar=progress_bar,
     )
     trainer.fit(TinyRegressor(), regression_loader())
     out = capsys.readouterr().out
@@ -112,7 +115,9 @@ def test_printing_follows_report_and_progress_bar(tmp_path, capsys, report, prog
 
 def test_progress_bar_default_prints(tmp_path, capsys):
     torch.manual_seed(0)
-    trainer = make_trainer(tmp_path, [Watch(pictures=False, alerts=False)], max_steps=2, enable_progress_bar=True)
+    trainer = make_trainer(
+        tmp_path, [Watch(pictures=False, alerts=False, log_every_n_steps=1)], max_steps=2, enable_progress_bar=True
+    )
     trainer.fit(TinyRegressor(), regression_loader())
     assert "lightning_watch health report" in capsys.readouterr().out
 
@@ -164,7 +169,7 @@ def test_bad_arguments():
 def test_no_logger_writes_no_files(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # without a logger, Lightning's log_dir is the working directory
     torch.manual_seed(0)
-    watch = Watch(report=True, pictures=False, alerts=False)
+    watch = Watch(report=True, pictures=False, alerts=False, log_every_n_steps=1)
     trainer = make_trainer(tmp_path / "root", [watch], max_steps=2, logger=False)
     trainer.fit(TinyRegressor(), regression_loader())
     assert not list(tmp_path.rglob("health.*"))
@@ -181,7 +186,9 @@ def test_report_left_when_an_alert_raises(tmp_path):
     torch.manual_seed(0)
     model = TinyRegressor()
     model.net[0].bias.data.fill_(-10.0)
-    watch = Watch(report=False, pictures=False, alerts=EarlyAlerts(actions={"dead_units": "raise"}))
+    watch = Watch(
+        report=False, pictures=False, alerts=EarlyAlerts(actions={"dead_units": "raise"}), log_every_n_steps=1
+    )
     trainer = make_trainer(tmp_path, [watch], max_epochs=3)
     with pytest.raises(AlertError):
         trainer.fit(model, regression_loader())

@@ -24,7 +24,7 @@ def _images(log_dir):
 
 def _fit(tmp_path, steps=12, **watch_kwargs):
     torch.manual_seed(0)
-    watch = Watch(alerts=False, report=False, **watch_kwargs)
+    watch = Watch(alerts=False, report=False, **{"log_every_n_steps": 1, **watch_kwargs})
     trainer = make_trainer(tmp_path, [watch], max_steps=steps, max_epochs=None)
     trainer.fit(TinyRegressor(), regression_loader())
     return watch, trainer

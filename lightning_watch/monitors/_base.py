@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
@@ -67,9 +68,11 @@ class WatchMonitor(Callback):
         exclude: glob(s) of module names to leave out.
         types: module classes (or names such as ``"Linear"``/``"torch.nn.Conv2d"``) to watch.
         log_every_n_steps: write interval in Lightning steps; ``None`` follows the Trainer's
-            ``log_every_n_steps``.
+            ``log_every_n_steps``, but writes at most every 10 steps (a Trainer at
+            ``log_every_n_steps=1`` gets a point every 10 steps; a notice at fit start says so).
         sample_every_n_steps: interval of the steps whose activations and gradients are
-            measured for windowed statistics; ``None`` means five samples per logging window.
+            measured for windowed statistics; ``None`` means five samples per logging window,
+            but at most one batch in five.
         histogram_every_n_steps: interval of TensorBoard histograms; ``None`` (default) writes none.
     """
 
@@ -150,6 +153,9 @@ class WatchMonitor(Callback):
         self._on_fit_start(trainer, pl_module)
         if not self._managed:
             add_layout(trainer, self.METRICS, self.GLOBAL_METRICS)
+            notice = self._cadence.floor_notice(type(self).__name__)
+            if notice:
+                rank_zero_info(notice)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
