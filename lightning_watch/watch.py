@@ -180,6 +180,8 @@ class Watch(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         for monitor in self.monitors:
             monitor.on_exception(trainer, pl_module, exception)
+        if self.early_alerts is not None:  # its first-batch recorder may still hold forward pre-hooks
+            self.early_alerts._on_exception(trainer, pl_module, exception)
         self.views.on_exception(trainer, pl_module, self.alerts)
 
     def on_train_batch_start(

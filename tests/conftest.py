@@ -107,7 +107,9 @@ def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
         break  # one run directory per test
-    return out
+    # A Trainer fitted twice writes two event files into one directory, and TensorBoard loads them
+    # in name order: `...<second>.<host>.<pid>.10` sorts before `....9` within one second.
+    return {tag: sorted(points, key=lambda point: point[0]) for tag, points in out.items()}
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from conftest import join_two_process_group, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_watch import Alert, EarlyAlerts, Watch
+from lightning_watch import Alert, EarlyAlerts, GradientNormMonitor, Watch
 from lightning_watch.alerts import AlertError, AlertWarning, RuleContext
 from lightning_watch.alerts.engine import _Active, _worse
 from lightning_watch.snapshot import Snapshot
@@ -248,6 +248,55 @@ def test_standalone_early_alerts_builds_its_own_statistics(tmp_path):
     fit(trainer, nan_model(), data())
     assert "non_finite_loss" in {a.code for a in alerts.alerts}
     assert "non_finite_gradients" in {a.code for a in alerts.alerts}  # needs the gradient monitor
+
+
+def _points(log_dir) -> dict[tuple[str, int], list[float]]:
+    """Every scalar point written under ``log_dir``: ``(tag, step) -> values``, read with TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: dict[tuple[str, int], list[float]] = {}
+    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            for event in acc.Scalars(tag):
+                points.setdefault((tag, event.step), []).append(event.value)
+    return points
+
+
+@pytest.mark.parametrize("alerts_first", [False, True], ids=["monitor-first", "alerts-first"])
+def test_standalone_early_alerts_reads_a_standalone_monitor_instead_of_writing_twice(tmp_path, alerts_first):
+    def run(name, model, with_alerts=True):
+        grads, alerts = GradientNormMonitor(log_every_n_steps=5), EarlyAlerts(log_every_n_steps=5)
+        callbacks = ([alerts, grads] if alerts_first else [grads, alerts]) if with_alerts else [grads]
+        fit(make_trainer(tmp_path / name, callbacks, max_steps=20, log_every_n_steps=5), model, data())
+        return grads, alerts, _points(tmp_path / name)
+
+    # the same run with the gradient monitor alone: what it writes is the reference
+    torch.manual_seed(0)
+    _, _, alone = run("alone", Net(), with_alerts=False)
+    reference = {key: values for key, values in alone.items() if key[0].startswith("watch/")}
+    assert reference and all(math.isfinite(v) for values in reference.values() for v in values)
+
+    torch.manual_seed(0)
+    grads, alerts, points = run("both", Net())
+    assert {key: len(v) for key, v in points.items() if len(v) > 1} == {}  # each (tag, step) once
+    # the gradient points are the standalone monitor's, unchanged
+    assert {key for key in points if "/grad_" in key[0]} == set(reference)
+    assert all(points[key] == values for key, values in reference.items())
+    # the families nobody else measures are still written by the alerts' own statistics
+    assert ("watch/update_ratio/net.0", 4) in points and ("watch/global/loss", 4) in points
+    # the rules saw the monitor's gradients in the same snapshot as the rest of the step
+    last = alerts._history[-1]
+    assert last.step == grads.last_snapshot.step == 14  # 16 batches, a write every 5 steps
+    assert last.modules("grad_norm") == grads.last_snapshot.modules("grad_norm") != {}
+    assert last.modules("update_ratio") and math.isfinite(last.get("loss"))
+    assert grads._listeners == []  # released at the end of fit
+
+    # and alert on them: NaN gradients are only measured by the user's monitor here
+    grads, alerts, points = run("nan", nan_model())
+    assert {key: len(v) for key, v in points.items() if len(v) > 1} == {}
+    assert "non_finite_gradients" in {a.code for a in alerts.alerts}
 
 
 # ---------------------------------------------------------------------- resume

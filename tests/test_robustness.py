@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
 import pickle
 import warnings
 
@@ -16,6 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from lightning_watch import (
     ActivationScaleMonitor,
     DeadUnitMonitor,
+    EarlyAlerts,
     GradientNormMonitor,
     ParameterDeltaMonitor,
     Watch,
@@ -204,3 +207,131 @@ def test_compiled_model_keeps_gradient_statistics_and_warns_once_about_outputs(t
     assert "watch/dead_frac/net.0" in scalars  # gradient criterion needs no hook
     assert not any(tag.startswith("watch/act_") for tag in scalars)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation per step
+
+
+# ---------------------------------------------------------------------- a crash in the user's code
+class CrashingRegressor(TinyRegressor):
+    """Raises in ``training_step`` of batch ``crash_at``, after its forward (a sampled step's hooks are armed)."""
+
+    def __init__(self, crash_at: int) -> None:
+        super().__init__()
+        self.crash_at = crash_at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == self.crash_at:
+            raise RuntimeError("a bug in the user's training_step")
+        return loss
+
+
+_MODULE_HOOKS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+_OPTIMIZER_HOOKS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+def _instance_functions(obj) -> set[str]:
+    """Methods or functions set on the instance itself: what patching a method leaves behind."""
+    return {name for name, value in vars(obj).items() if inspect.ismethod(value) or inspect.isfunction(value)}
+
+
+def _crash_fit(tmp_path, callbacks, crash_at: int):
+    torch.manual_seed(0)
+    model = CrashingRegressor(crash_at)
+    trainer = make_trainer(tmp_path, callbacks, max_steps=8, logger=False)
+    with pytest.raises(RuntimeError, match="a bug in the user's training_step"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, regression_loader())
+    optimizer = trainer.strategy.optimizers[0]
+    return model, optimizer, trainer.strategy
+
+
+def _leftovers(model, optimizer, strategy, baseline) -> list[str]:
+    found = [
+        f"{name or 'model'}.{attr}"
+        for name, module in model.named_modules()
+        for attr in _MODULE_HOOKS
+        if getattr(module, attr, None)
+    ]
+    found += [
+        f"{name}._post_accumulate_grad_hooks" for name, p in model.named_parameters() if p._post_accumulate_grad_hooks
+    ]
+    found += [f"optimizer.{attr}" for attr in _OPTIMIZER_HOOKS if getattr(optimizer, attr, None)]
+    found += [
+        f"global {name}"
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
+        if getattr(torch.nn.modules.module, name)
+    ]
+    found += [
+        f"global {name}"
+        for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+        if getattr(importlib.import_module("torch.optim.optimizer"), name)
+    ]
+    for what, obj in (("model", model), ("optimizer", optimizer), ("strategy", strategy)):
+        found += [f"patched {what}.{name}" for name in sorted(_instance_functions(obj) - baseline[what])]
+    found += [
+        f"patched {name}.{attr}"
+        for name, module in model.named_modules()
+        if name
+        for attr in _instance_functions(module)
+    ]
+    return found
+
+
+@pytest.fixture(scope="module")
+def plain_crash(tmp_path_factory):
+    """What Lightning itself leaves on the instances after the same crash, with no callback of ours."""
+    model, optimizer, strategy = _crash_fit(tmp_path_factory.mktemp("plain"), [], crash_at=2)
+    return {
+        "model": _instance_functions(model),
+        "optimizer": _instance_functions(optimizer),
+        "strategy": _instance_functions(strategy),
+    }
+
+
+_STANDALONE = {
+    "GradientNormMonitor": lambda: GradientNormMonitor(log_every_n_steps=2, sample_every_n_steps=1),
+    "ParameterDeltaMonitor": lambda: ParameterDeltaMonitor(log_every_n_steps=2, sample_every_n_steps=1),
+    "ActivationScaleMonitor": lambda: ActivationScaleMonitor(log_every_n_steps=2, sample_every_n_steps=1),
+    "DeadUnitMonitor": lambda: DeadUnitMonitor(log_every_n_steps=2, sample_every_n_steps=1),
+    "EarlyAlerts": lambda: EarlyAlerts(log_every_n_steps=2),
+}
+
+
+@pytest.mark.parametrize("crash_at", [0, 2], ids=["first-batch", "mid-run"])
+@pytest.mark.parametrize("name", list(_STANDALONE))
+def test_a_crash_in_training_step_leaves_no_hook_and_a_picklable_model(tmp_path, plain_crash, name, crash_at):
+    # Lightning calls no `teardown` after an exception: `on_exception` must undo everything
+    callback = _STANDALONE[name]()
+    model, optimizer, strategy = _crash_fit(tmp_path, [callback], crash_at)
+    assert _leftovers(model, optimizer, strategy, plain_crash) == []
+    assert model not in CaptureEngine._engines
+    restored = pickle.loads(pickle.dumps(model))
+    assert _hook_count(restored) == 0
+
+
+@pytest.mark.parametrize(
+    "crash_at",
+    [
+        pytest.param(0, id="first-batch"),
+        pytest.param(2, id="mid-run"),
+    ],
+)
+def test_a_crash_under_watch_leaves_no_hook_and_a_picklable_model(tmp_path, plain_crash, crash_at):
+    model, optimizer, strategy = _crash_fit(tmp_path, [Watch(log_every_n_steps=2, sample_every_n_steps=1)], crash_at)
+    assert _leftovers(model, optimizer, strategy, plain_crash) == []
+    pickle.dumps(model)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_watch.alerts.alert import CODES, Alert, AlertError, severity_rank
@@ -25,7 +26,9 @@ from lightning_watch.alerts.loss import LossMonitor, NonFiniteGuard, extract_los
 from lightning_watch.alerts.rules import BUILTIN_RULES, DEFAULTS, Rule, RuleContext
 from lightning_watch.alerts.sinks import AlertSinks
 from lightning_watch.cadence import check_interval, logging_step
+from lightning_watch.monitors._base import WatchMonitor
 from lightning_watch.snapshot import Snapshot
+from lightning_watch.stats import StatBlock
 from lightning_watch.warn import warn_once
 
 if TYPE_CHECKING:
@@ -70,13 +73,22 @@ class EarlyAlerts(Callback):
 
     ``Watch()`` includes an ``EarlyAlerts`` by default (``Watch(alerts=EarlyAlerts(...))`` to
     configure it). Used alone, ``EarlyAlerts`` builds a private :class:`~lightning_watch.Watch`
-    for its statistics (which then also writes the ``watch/*`` scalars): do not combine it with
-    a ``Watch`` in the same Trainer; configure the Watch's alerts instead.
+    for its statistics (which then also writes the ``watch/*`` scalars); a family already measured
+    by a standalone monitor in the Trainer's callbacks (``[GradientNormMonitor(), EarlyAlerts()]``)
+    is not built again: the rules read that monitor's own values, and every point is written once.
+    Do not combine it with a ``Watch`` in the same Trainer; configure the Watch's alerts instead.
+
+    Under DDP, ``"stop"`` and ``"raise"`` cost no collective of their own: a decision every rank
+    takes from the reduced statistics is acted on at once; a rank-local finding (fit-start checks,
+    the per-step loss guard, user rules) travels in the next logging step's one read, where every
+    rank learns it and acts on the same step. A ``"raise"`` found after the last read is agreed
+    when fit ends (one collective per fit, only when some code may raise).
 
     Args:
         actions: ``code -> "warn" | "stop" | "raise"``. ``"stop"`` sets ``trainer.should_stop``
-            (agreed by all ranks under DDP, at the next logging step for rank-local findings);
-            ``"raise"`` raises :class:`~lightning_watch.alerts.AlertError` carrying the alert.
+            (every rank stops on the same step under DDP); ``"raise"`` raises
+            :class:`~lightning_watch.alerts.AlertError` carrying the alert (on every rank under
+            DDP; ranks that did not find it carry a ``remote_alert``).
         settings: ``code -> {name: value}`` overriding :data:`~lightning_watch.alerts.rules.DEFAULTS`
             (``threshold``, ``patience``, ...), or ``code -> False`` to switch a code off.
         rules: extra user rules, ``rule(snapshot, context) -> iterable of Alert`` (see
@@ -84,7 +96,7 @@ class EarlyAlerts(Callback):
         default_action: action for codes not in ``actions``.
         label_batches: number of first batches inspected for single-label runs.
         history: number of past snapshots kept for the rules.
-        log_every_n_steps: cadence of the private Watch when used alone (``None``: the Trainer's).
+        log_every_n_steps: cadence of the private Watch when used alone (``None``: the Trainer's, at least 10).
 
     Raises:
         ValueError: for an unknown code, action or setting name, a negative threshold, or a
@@ -126,10 +138,16 @@ class EarlyAlerts(Callback):
         self.label_batches = check_interval("label_batches", label_batches, allow_none=False)
         self.history_size = check_interval("history", history, allow_none=False)
         self._log_every_n_steps = check_interval("log_every_n_steps", log_every_n_steps)
-        self._agrees = any(a in ("stop", "raise") for a in [*self.actions.values(), self.default_action])
+        chosen = {*self.actions.values(), self.default_action}
+        self._agrees = bool(chosen & {"stop", "raise"})
+        self._may_raise = "raise" in chosen
         self._owner: Watch | None = None  # the Watch that feeds this engine
         self._private = False  # True when the owner is a Watch built here
+        self._own_monitors: list[WatchMonitor] = []  # the private Watch's monitors, all families
+        self._adopted: list[WatchMonitor] = []  # the user's standalone monitors read instead (used alone)
         self._loss: LossMonitor | None = None
+        self._flags = _ActionFlags(self)
+        self._agreeing = False  # this fit runs under DDP with a "stop"/"raise" action
         self._pending_state: dict[str, Any] | None = None
         self._fresh()
 
@@ -143,7 +161,11 @@ class EarlyAlerts(Callback):
         self._recorder: ForwardRecorder | None = None
         self._labels = LabelRunCheck(self.label_batches)
         self._guard = NonFiniteGuard()
+        # rank-local "stop"/"raise" decisions under DDP: found, then in the current read, then agreed
         self._pending: dict[str, Alert] = {}
+        self._sent: dict[str, Alert] = {}
+        self._agreed: set[str] = set()
+        self._parts: list[Snapshot] = []  # publications of this logging step (adopted monitors)
         self._sinks = AlertSinks()
 
     @property
@@ -163,10 +185,19 @@ class EarlyAlerts(Callback):
         self._loss._managed = True  # published by the Watch, in its one read
         watch.add_listener(self._on_snapshot)
 
-    def _due_monitors(self, step: int) -> list[LossMonitor]:
-        """Monitors of this engine that the Watch must read at ``step``."""
+    def _due_monitors(self, step: int) -> list[Any]:
+        """Monitors of this engine that the Watch must read at ``step``.
+
+        Under DDP with a "stop"/"raise" action, the pending actions join every read the Watch
+        makes anyway (and never cause one): that read is their agreement.
+        """
         loss = self._loss
-        return [loss] if loss is not None and loss._cadence is not None and loss._cadence.is_log_step(step) else []
+        due: list[Any] = []
+        if loss is not None and loss._cadence is not None and loss._cadence.is_log_step(step):
+            due.append(loss)
+        if self._agreeing and (due or any(m._cadence.is_log_step(step) for m in self._owner.monitors)):
+            due.append(self._flags)
+        return due
 
     def _owned(self, trainer: pl.Trainer) -> Watch | None:
         """The private Watch when used alone (built on first use), else ``None``."""
@@ -175,6 +206,7 @@ class EarlyAlerts(Callback):
 
             Watch(alerts=self, log_every_n_steps=self._log_every_n_steps)
             self._private = True
+            self._own_monitors = list(self._owner.monitors)
         if not self._private:
             raise ValueError(
                 "`EarlyAlerts` must be passed either to `Watch(alerts=...)` or to the Trainer's callbacks, not both."
@@ -183,7 +215,10 @@ class EarlyAlerts(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks (used alone)
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._owned(trainer).setup(trainer, pl_module, stage)
+        watch = self._owned(trainer)
+        if stage == "fit":
+            self._adopt(trainer)
+        watch.setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._owned(trainer).on_fit_start(trainer, pl_module)
@@ -205,7 +240,19 @@ class EarlyAlerts(Callback):
         self._owned(trainer).on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._release()
         self._owned(trainer).teardown(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no `teardown` after an exception: without this the private Watch's hooks
+        # (forward hooks, optimizer step hooks) would stay on the user's model and optimizer
+        if not self._private:
+            return  # not set up (or shared with a Watch, which cleans up after itself)
+        self._release()
+        for monitor in self._owner.monitors:
+            monitor.on_exception(trainer, pl_module, exception)
+        self._on_exception(trainer, pl_module, exception)
 
     def state_dict(self) -> dict[str, Any]:
         return self._owner.state_dict() if self._private else self._engine_state()
@@ -216,11 +263,35 @@ class EarlyAlerts(Callback):
         else:
             self._load_engine_state(state_dict)
 
+    def _adopt(self, trainer: pl.Trainer) -> None:
+        """Used alone: read the user's standalone monitors instead of measuring their families twice.
+
+        ``[GradientNormMonitor(), EarlyAlerts()]`` would otherwise measure gradients twice and
+        write every ``watch/grad_*`` point twice (same tags, same steps). The private Watch leaves
+        such a family out for this fit; the monitor keeps measuring and writing as configured, and
+        the rules see its snapshot merged with the private Watch's one of the same logging step.
+        """
+        self._release()
+        families = tuple(type(m) for m in self._own_monitors)
+        # a monitor bundled in a Watch is published by that Watch: only standalone ones are adopted
+        self._adopted = [cb for cb in trainer.callbacks if isinstance(cb, families) and not cb._managed]
+        self._owner.monitors = [m for m in self._own_monitors if not any(isinstance(a, type(m)) for a in self._adopted)]
+        for monitor in self._adopted:
+            monitor.add_listener(self._on_snapshot)
+
+    def _release(self) -> None:
+        """Stop listening to adopted monitors."""
+        for monitor in self._adopted:
+            if self._on_snapshot in monitor._listeners:
+                monitor._listeners.remove(self._on_snapshot)
+        self._adopted = []
+
     # ------------------------------------------------------------------ engine hooks (called by Watch)
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._fresh()
             self._loss.setup(trainer, pl_module, stage)
+            self._agreeing = trainer.world_size > 1 and self._agrees
 
     def _on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sinks.start(trainer)
@@ -287,8 +358,29 @@ class EarlyAlerts(Callback):
             self._process(trainer, [alert])
 
     def _on_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: Snapshot) -> None:
+        """A publication of the owner Watch, or of an adopted monitor (used alone)."""
+        if not self._adopted:
+            self._evaluate(trainer, snapshot)
+            return
+        # Every source publishes in the same `on_train_batch_end` round, in callback order: the
+        # rules run once the last one due at this step has published, on the merged snapshot.
+        if self._parts and self._parts[0].step != snapshot.step:  # a source did not publish: never wait past a step
+            parts, self._parts = self._parts, []
+            self._evaluate(trainer, _merge(parts))
+        self._parts.append(snapshot)
+        if len(self._parts) >= self._sources_due(snapshot.step):
+            parts, self._parts = self._parts, []
+            self._evaluate(trainer, _merge(parts))
+
+    def _sources_due(self, step: int) -> int:
+        """Number of publications at logging step ``step``: the owner's, and each adopted monitor's."""
+        owner = any(m._cadence.is_log_step(step) for m in self._owner.monitors) or bool(self._due_monitors(step))
+        return int(owner) + sum(m._cadence.is_log_step(step) for m in self._adopted)
+
+    def _evaluate(self, trainer: pl.Trainer, snapshot: Snapshot) -> None:
         ctx = self._context()
         found: list[Alert] = []
+        shared: list[Alert] = []
         covered: set[str] = set()
         # once values are NaN/Inf every other statistic is garbage (a NaN gradient row looks "dead")
         broken = snapshot.get("loss_nonfinite", default=0.0) > 0 or snapshot.get("grad_nonfinite", default=0.0) > 0
@@ -303,27 +395,57 @@ class EarlyAlerts(Callback):
                 continue
             covered.update(codes)
             found += produced
-        self._process(trainer, found, covered)
+            if rule in BUILTIN_RULES:
+                # The same reduced snapshot and the same rule state on every rank: every rank makes
+                # the same finding and may act on it now. (The loss guard's rank-local
+                # `non_finite_loss` shares its key with the rule; a rank where the guard fired first
+                # sent its action in this read or an earlier one, so the ranks still act together.)
+                shared += produced
+        self._process(trainer, found, covered, shared=shared)
         self._history.append(snapshot)
-        if trainer.world_size > 1 and self._agrees:
-            self._agree(trainer)
+        # the actions this step's read agreed on (rank-local findings made before the read)
+        agreed, self._agreed = self._agreed, set()
+        sent, self._sent = self._sent, {}
+        for action in ("raise", "stop"):
+            if action in agreed:
+                self._act(trainer, action, sent.get(action) or _elsewhere(trainer))
 
     def _teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._cleanup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._agree_at_end(trainer)
+
+    def _on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Remove everything this engine put on the model (Lightning calls no teardown after an exception)."""
+        self._cleanup(trainer, pl_module)
+        self._pending, self._sent, self._agreed = {}, {}, set()
+
+    def _cleanup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str = "fit") -> None:
         if self._recorder is not None:
             self._recorder.remove()
             self._recorder = None
         self._guard.clear()
-        self._loss.teardown(trainer, pl_module, stage)
+        self._parts = []
+        if self._loss is not None:
+            self._loss.teardown(trainer, pl_module, stage)
 
     # ------------------------------------------------------------------ decisions
-    def _process(self, trainer: pl.Trainer, found: Iterable[Alert], covered: Iterable[str] = ()) -> None:
+    def _process(
+        self,
+        trainer: pl.Trainer,
+        found: Iterable[Alert],
+        covered: Iterable[str] = (),
+        shared: Iterable[Alert] = (),
+    ) -> None:
+        """Raise what is new (or worse, or back); ``shared``: the findings every rank makes alike."""
+        shared_ids = {id(alert) for alert in shared}
         present = set()
         for alert in found:
             present.add(alert.key)
             state = self._active.get(alert.key)
             if state is None or state.cleared or _worse(alert, state):
                 self._active[alert.key] = _Active(alert.severity, alert.value)
-                self._raise(trainer, alert)
+                self._raise(trainer, alert, local=id(alert) not in shared_ids)
             else:
                 state.absent = 0
         covered = set(covered)
@@ -332,27 +454,34 @@ class EarlyAlerts(Callback):
                 state.absent += 1
                 state.cleared = state.absent >= CLEAR_AFTER
 
-    def _raise(self, trainer: pl.Trainer, alert: Alert) -> None:
+    def _raise(self, trainer: pl.Trainer, alert: Alert, local: bool = True) -> None:
         self.alerts.append(alert)
         self._sinks.emit(trainer, alert)
         action = self.actions.get(alert.code, self.default_action)
         if action == "warn":
             return
-        if trainer.world_size > 1:
-            # rank-local findings (checks, the loss guard) are agreed at the next logging step
+        if local and trainer.world_size > 1:
+            # a rank-local finding (checks, the loss guard, user rules) acts when the next read
+            # has told every rank: acting alone would stop or fail one rank while the others wait
             self._pending.setdefault(action, alert)
             return
         self._act(trainer, action, alert)
 
-    def _agree(self, trainer: pl.Trainer) -> None:
-        # every rank calls the same collectives at the same logging step, whatever it found
-        stop = trainer.strategy.reduce_boolean_decision("stop" in self._pending, all=False)
-        fail = trainer.strategy.reduce_boolean_decision("raise" in self._pending, all=False)
-        pending, self._pending = self._pending, {}
-        if fail:
+    def _send_actions(self) -> list[float]:
+        """The pending actions, as the flags this rank contributes to the current read."""
+        for action, alert in self._pending.items():
+            self._sent.setdefault(action, alert)
+        self._pending = {}
+        return [float(action in self._sent) for action in _ActionFlags.ACTIONS]
+
+    def _agree_at_end(self, trainer: pl.Trainer) -> None:
+        """A "raise" found after the last read of the fit: agreed by one collective per fit."""
+        pending = {**self._pending, **self._sent}
+        self._pending, self._sent, self._agreed = {}, {}, set()
+        if not (self._agreeing and self._may_raise):
+            return  # a pending "stop" needs nothing: the fit is over on every rank
+        if trainer.strategy.reduce_boolean_decision("raise" in pending, all=False):
             self._act(trainer, "raise", pending.get("raise") or _elsewhere(trainer))
-        if stop:
-            self._act(trainer, "stop", pending.get("stop") or _elsewhere(trainer))
 
     def _act(self, trainer: pl.Trainer, action: str, alert: Alert) -> None:
         if action == "raise":
@@ -400,6 +529,47 @@ class EarlyAlerts(Callback):
             self._loss.load_state_dict(state["loss"])
         if state.get("labels_done"):
             self._labels.seen = self._labels.batches
+
+
+class _ActionFlags:
+    """The "stop"/"raise" actions pending on this rank, carried by a logging step's one read (DDP).
+
+    Read like a monitor (``publish`` calls ``_collect``, ``_finalize``, ``_reset``): one
+    max-reduced row, so after the read every rank knows whether any rank found a reason to stop
+    or raise, and all act on the same step. It only joins reads the Watch makes anyway.
+    """
+
+    ACTIONS = ("stop", "raise")
+    KEY = "EarlyAlerts.actions"
+
+    def __init__(self, engine: EarlyAlerts) -> None:
+        self._engine = engine
+
+    def _collect(self, trainer: pl.Trainer) -> StatBlock:
+        engine = self._engine
+        block = StatBlock()
+        device = engine._loss._device if engine._loss is not None else torch.device("cpu")
+        block.add_max(self.KEY, torch.tensor(engine._send_actions(), dtype=torch.float32, device=device))
+        return block
+
+    def _finalize(self, values: dict[str, Any], snapshot: Snapshot) -> None:
+        flags = values[self.KEY]
+        self._engine._agreed = {action for action, flag in zip(self.ACTIONS, flags) if flag > 0}
+
+    def _reset(self) -> None:
+        pass
+
+
+def _merge(parts: Sequence[Snapshot]) -> Snapshot:
+    """One snapshot from the publications of one logging step (distinct families)."""
+    if len(parts) == 1:
+        return parts[0]
+    merged = Snapshot(step=parts[0].step, epoch=parts[0].epoch)
+    for part in parts:
+        for metric, row in part.per_module.items():
+            merged.per_module.setdefault(metric, {}).update(row)
+        merged.global_.update(part.global_)
+    return merged
 
 
 def _compiled(module: Any) -> bool:

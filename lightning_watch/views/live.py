@@ -101,6 +101,8 @@ class WatchViews:
                 print("\n" + self.last_report.to_text(), file=sys.stdout, flush=True)
         except Exception as err:
             warn_once(("views.report", type(err).__name__), f"lightning_watch could not write its report: {err!r}")
+        finally:
+            _wait_for_rank_zero(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, alerts: list) -> None:
         """Fit failed (e.g. an alert's ``"raise"`` action): still leave the report, single-process only.
@@ -132,3 +134,19 @@ class WatchViews:
                 f.write(report.to_markdown() + "\n")
             with open(os.path.join(log_dir, HEALTH_JSON), "w", encoding="utf-8") as f:
                 f.write(report.to_json() + "\n")
+
+
+def _wait_for_rank_zero(trainer: pl.Trainer) -> None:
+    """Under DDP, keep the other ranks until rank zero has written the report and pictures.
+
+    Rank zero's end-of-fit work takes a fraction of a second; a rank that leaves meanwhile and
+    exits its process while its peer still holds the gloo connection was seen to abort at exit
+    ("terminate called without an active exception", about one ``ddp_spawn`` fit in four, with
+    bare Lightning too once rank zero lingers), which fails the user's ``trainer.fit``.
+    """
+    if getattr(trainer, "world_size", 1) <= 1:
+        return
+    try:
+        trainer.strategy.barrier("lightning_watch.report")
+    except Exception as err:  # a peer is gone: nothing to wait for
+        warn_once(("views.barrier", type(err).__name__), f"lightning_watch could not wait for rank zero: {err!r}")
