@@ -1,9 +1,10 @@
 """What does watching cost? Step-time ratios against a bare run, measured side by side in one process.
 
 Every workload trains with a real ``lightning.pytorch.Trainer`` on synthetic in-memory data. One
-*round* runs the bare configuration and every other configuration once each, in a shuffled order,
-with fresh models of the same seed; the ratio of a configuration is its median step time over
-the bare run's median step time *of the same round*, so slow drifts of a shared machine cancel.
+*round* runs every configuration once, in a shuffled order, with a bare run before each and after
+the last (bare, A, bare, B, bare, ...), all with fresh models of the same seed; the ratio of a
+configuration is its median step time over the mean of its two neighbouring bare runs' medians,
+so drifts of a shared machine cancel. One discarded bare fit warms the process up first.
 The table reports the median ratio over rounds with its min–max. Step time is measured from one
 ``on_train_batch_start`` to the next (the whole iteration: data, forward, backward, optimizer,
 every callback, logging), warm-up steps excluded; the budget is about the median of the
@@ -308,6 +309,19 @@ class Run:
     def median(self) -> float:
         return statistics.median(self.plain)
 
+    @classmethod
+    def between(cls, before: Run, after: Run) -> Run:
+        """The bare reference of the configuration run between ``before`` and ``after``."""
+        peaks = [r.peak_bytes for r in (before, after) if r.peak_bytes is not None]
+        return cls(
+            plain=[before.median, after.median],  # median of two: their mean
+            logged=before.logged + after.logged,
+            peak_bytes=sum(peaks) // len(peaks) if peaks else None,
+            held=0,
+            mean=(before.mean + after.mean) / 2,
+            end_of_fit=(before.end_of_fit + after.end_of_fit) / 2,
+        )
+
 
 @dataclass
 class Result:
@@ -377,12 +391,18 @@ def bench_workload(workload: str, configs: list[str], args, device: torch.device
     # growth, lazy imports) that would otherwise land on whichever configuration happens to run first.
     run_once(workload, "bare", args.steps, args.log_every, device, data, args.logdir)
     for _ in range(args.repeats):
-        order = list(configs)
-        rng.shuffle(order)  # A/B/A/B in a different order each round
-        runs = {c: run_once(workload, c, args.steps, args.log_every, device, data, args.logdir) for c in order}
-        bare = runs["bare"]
-        for config, result in results.items():
-            run = runs[config]
+        order = list(results)
+        rng.shuffle(order)  # a different order each round
+        # A/B/A/B: a bare run before every configuration and one after the last; each configuration
+        # is compared with its two neighbours, so a drift of the machine within a round cancels
+        bares = [run_once(workload, "bare", args.steps, args.log_every, device, data, args.logdir)]
+        runs = {}
+        for config in order:
+            runs[config] = run_once(workload, config, args.steps, args.log_every, device, data, args.logdir)
+            bares.append(run_once(workload, "bare", args.steps, args.log_every, device, data, args.logdir))
+        for position, config in enumerate(order):
+            result, run = results[config], runs[config]
+            bare = Run.between(bares[position], bares[position + 1])
             result.ratios.append(run.median / bare.median)
             result.mean_ratios.append(run.mean / bare.mean)
             result.end_extra_ms.append((run.end_of_fit - bare.end_of_fit) * 1e3)

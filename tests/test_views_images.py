@@ -24,14 +24,17 @@ def _images(log_dir):
 
 def _fit(tmp_path, steps=12, **watch_kwargs):
     torch.manual_seed(0)
+    budget = watch_kwargs.pop("picture_budget", None)
     watch = Watch(alerts=False, report=False, **{"log_every_n_steps": 1, **watch_kwargs})
+    if budget is not None:
+        watch.views.picture_budget = budget
     trainer = make_trainer(tmp_path, [watch], max_steps=steps, max_epochs=None)
     trainer.fit(TinyRegressor(), regression_loader())
     return watch, trainer
 
 
 def test_pictures_written_at_coarse_interval_and_at_end(tmp_path):
-    watch, trainer = _fit(tmp_path)
+    watch, trainer = _fit(tmp_path, picture_budget=1e9)  # a short run: lift the time budget
     images = _images(trainer.log_dir)
     assert set(images) == set(IMAGE_TAGS.values())
     every = watch.views.picture_every
@@ -92,16 +95,21 @@ def test_periodic_pictures_stay_within_their_time_budget(monkeypatch):
     from lightning_watch.snapshot import Snapshot
     from lightning_watch.views.live import WatchViews
 
+    clock = [0.0]  # seconds since the fit started: one per training window, plus drawing time
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     views = WatchViews(report=False, picture_every=1, picture_budget=0.01)
     views.reset()
     drawn = []
 
     def slow_draw(trainer, step):
         drawn.append(step)
-        time.sleep(0.02)  # as if matplotlib took 20 ms
+        clock[0] += 0.25  # as if matplotlib took 0.25 s
 
     monkeypatch.setattr(views, "_draw", slow_draw)
-    for step in range(20):
+    for step in range(200):
+        clock[0] += 1.0
         views.on_snapshot(None, None, Snapshot(step=step, epoch=0))
-    # the first draw is free; the next one would need 100x its cost (2 s) of training first
-    assert drawn == [0]
+        assert views._drawing <= 0.01 * clock[0]  # never over budget, not even after the first draw
+    # the first draw waits for 100x its estimated cost (0.3 s of drawing: 30 s of training), and the
+    # budget is then used, not hoarded: about 1 % of 200 s is 2 s, eight draws of 0.25 s
+    assert drawn[0] == 29 and len(drawn) == 8, drawn
