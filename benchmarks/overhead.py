@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--steps", type=int, default=60, help="training steps per run (warm-up: min(20, steps/4))")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per run (warm-up: min(20, steps/4))")
     parser.add_argument(
         "--repeats", "--rounds", type=int, default=5, help="repetitions; each runs every configuration once"
     )
@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# lightning_watch overhead — {describe_machine(device)}", flush=True)
     print(
         f"# steps={args.steps} repeats={args.repeats} log_every_n_steps={args.log_every}; "
-        "ratio = median step time / bare median step time of the same round: median (min–max)",
+        "ratio = median step time / mean median of the bare runs on either side: median over rounds (min–max)",
         flush=True,
     )
     rows = []
