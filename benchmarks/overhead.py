@@ -387,9 +387,13 @@ def bench_workload(workload: str, configs: list[str], args, device: torch.device
     data = make_data(workload, args.steps, device)
     results = {c: Result() for c in configs if c != "bare"}
     rng = random.Random(0)
+
+    def fit(config: str) -> Run:
+        return run_once(workload, config, args.steps, args.log_every, device, data, args.logdir)
+
     # One discarded fit first: a process's first fit pays one-time costs (thread pools, allocator
     # growth, lazy imports) that would otherwise land on whichever configuration happens to run first.
-    run_once(workload, "bare", args.steps, args.log_every, device, data, args.logdir)
+    fit("bare")
     # The row judged against a budget (`watch`) gets extra rounds: its budget (2-5 %) is about as
     # wide as the round-to-round scatter of this kind of machine, so 5 rounds decide by luck.
     budget_rounds = max(args.repeats, args.budget_repeats if "watch" in results else 0)
@@ -398,11 +402,11 @@ def bench_workload(workload: str, configs: list[str], args, device: torch.device
         rng.shuffle(order)  # a different order each round
         # A/B/A/B: a bare run before every configuration and one after the last; each configuration
         # is compared with its two neighbours, so a drift of the machine within a round cancels
-        bares = [run_once(workload, "bare", args.steps, args.log_every, device, data, args.logdir)]
+        bares = [fit("bare")]
         runs = {}
         for config in order:
-            runs[config] = run_once(workload, config, args.steps, args.log_every, device, data, args.logdir)
-            bares.append(run_once(workload, "bare", args.steps, args.log_every, device, data, args.logdir))
+            runs[config] = fit(config)
+            bares.append(fit("bare"))
         for position, config in enumerate(order):
             result, run = results[config], runs[config]
             bare = Run.between(bares[position], bares[position + 1])

@@ -63,7 +63,6 @@ class ParameterDeltaMonitor(ParameterMonitor):
 
     def _clear(self) -> None:
         self._before: list[Tensor] | None = None
-        self._before_is_copy = False  # whether `_before` is our transient copy (else the live parameters)
         self._entries: list[tuple[int, str, nn.Parameter]] = []
         self._steps = 0
         self._result: tuple[Tensor, Tensor, Tensor] | None = None
@@ -83,28 +82,27 @@ class ParameterDeltaMonitor(ParameterMonitor):
             params = [p.detach() for _, _, p in self._entries]
             # one fused copy of all watched trainable parameters, freed at the end of the batch
             self._before = torch._foreach_mul(params, 1.0) if params else []
-            self._before_is_copy = True
 
     def _on_step_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         if not self._cadence.is_log_step(step) or self._table is None:
             return
-        if self._before is None:  # no optimizer step ran in this batch
+        stepped = self._before is not None  # else no optimizer step ran in this batch
+        if not stepped:
             self._entries = self._table.trainable()
-            self._before = [p.detach() for _, _, p in self._entries]
-            self._before_is_copy = False
         after = [p.detach() for _, _, p in self._entries]
         m = self._table.num_modules
         if not after:
             zeros = torch.zeros(m + 1, device=self._device)
             self._result = (zeros, zeros, zeros)
         else:
-            before_norms = l2_norms(self._before)
-            if self._before_is_copy:
+            if stepped:
+                before_norms = l2_norms(self._before)
                 # the copy is ours and dies here: subtract in place rather than allocate a second copy
                 torch._foreach_sub_(self._before, after)
                 delta_norms = l2_norms(self._before)  # ‖before - after‖ = ‖ΔW‖
-            else:
-                delta_norms = l2_norms(torch._foreach_sub(after, self._before))
+            else:  # nothing stepped: the weights are their own "before", and nothing moved
+                before_norms = l2_norms(after)
+                delta_norms = [torch.zeros_like(norm) for norm in before_norms]
             params = [p for _, _, p in self._entries]
             update_sq = self._table.per_module_squares(params, delta_norms, self._device)
             param_sq = self._table.per_module_squares(params, before_norms, self._device)
