@@ -14,8 +14,7 @@ from lightning_watch.monitors import (
     ParameterDeltaMonitor,
     WatchMonitor,
 )
-from lightning_watch.regularize import ActivityRegularizer
-from lightning_watch.regularize_rules import ActivityRule
+from lightning_watch.regularize import ActivityRegularizer, ActivityRule
 from lightning_watch.snapshot import Snapshot, scalar_tag
 from lightning_watch.warn import WatchWarning
 from lightning_watch.watch import Watch

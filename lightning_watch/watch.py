@@ -1,4 +1,4 @@
-"""``Watch``: the four monitors in one callback, sharing one set of hooks and one read per step."""
+"""``Watch``: the four monitors and the alert engine in one callback, sharing one set of hooks and one read per step."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
-from lightning_watch.alerts.engine import EarlyAlerts
+from lightning_watch.alerts import EarlyAlerts
+from lightning_watch.alerts.loss import LossWindow
 from lightning_watch.cadence import logging_step, steps_optimizer
+from lightning_watch.hub import SnapshotListener, StatHub
 from lightning_watch.monitors import (
     ActivationScaleMonitor,
     DeadUnitMonitor,
@@ -19,17 +21,10 @@ from lightning_watch.monitors import (
     ParameterDeltaMonitor,
     WatchMonitor,
 )
-from lightning_watch.monitors._base import SnapshotListener, publish
+from lightning_watch.monitors.bundle import FAMILIES, MonitorBundle
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.tensorboard import add_histograms, add_layout
+from lightning_watch.tensorboard import add_layout
 from lightning_watch.views.live import WatchViews
-
-_FAMILIES = {
-    "gradients": GradientNormMonitor,
-    "deltas": ParameterDeltaMonitor,
-    "activations": ActivationScaleMonitor,
-    "dead_units": DeadUnitMonitor,
-}
 
 
 class Watch(Callback):
@@ -97,31 +92,39 @@ class Watch(Callback):
             "sample_every_n_steps": sample_every_n_steps,
             "histogram_every_n_steps": histogram_every_n_steps,
         }
-        self.monitors: list[WatchMonitor] = []
-        for arg, (family, cls) in zip((gradients, deltas, activations, dead_units), _FAMILIES.items()):
+        monitors: list[WatchMonitor] = []
+        for arg, (family, cls) in zip((gradients, deltas, activations, dead_units), FAMILIES.items()):
             if isinstance(arg, cls):
-                monitor = arg
+                monitors.append(arg)
             elif isinstance(arg, bool):
-                monitor = cls(**shared) if arg else None
+                if arg:
+                    monitors.append(cls(**shared))
             else:
                 raise ValueError(f"`{family}` must be True, False or a {cls.__name__}, got {arg!r}.")
-            if monitor is not None:
-                monitor._managed = True
-                self.monitors.append(monitor)
-        if not self.monitors:
+        if not monitors:
             raise ValueError("`Watch` needs at least one monitor; every family was switched off.")
+        self._bundle = MonitorBundle(monitors)
         self._listeners: list[SnapshotListener] = []
-        self.last_snapshot: Snapshot | None = None
+        self._busy = False  # whether any monitor works on the current batch
         # end-of-fit health report and TensorBoard pictures (lightning_watch/views/)
         self.views = WatchViews(report=report, pictures=pictures)
-        self.add_listener(self.views.on_snapshot)
         if isinstance(alerts, bool):
             alerts = EarlyAlerts() if alerts else None
         elif not isinstance(alerts, EarlyAlerts):
             raise ValueError(f"`alerts` must be True, False or an EarlyAlerts, got {alerts!r}.")
         self.early_alerts: EarlyAlerts | None = alerts
         if alerts is not None:
-            alerts._attach(self, log_every_n_steps, sample_every_n_steps)
+            alerts.bind(log_every_n_steps, sample_every_n_steps)
+
+    @property
+    def monitors(self) -> list[WatchMonitor]:
+        """The bundled monitors, one per enabled family."""
+        return self._bundle.monitors
+
+    @property
+    def last_snapshot(self) -> Snapshot | None:
+        """The latest snapshot published during this Watch's fit (``None`` before the first)."""
+        return self.__dict__.get("_last_snapshot")
 
     @property
     def alerts(self) -> list:
@@ -144,86 +147,114 @@ class Watch(Callback):
         """The bundled monitor of class ``cls``, if enabled."""
         return next((m for m in self.monitors if isinstance(m, cls)), None)
 
-    # ------------------------------------------------------------------ delegation
+    # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for monitor in self.monitors:
-            monitor.setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self._last_snapshot = None
+        self._bundle.prepare(trainer, pl_module)
         if self.early_alerts is not None:
-            self.early_alerts._setup(trainer, pl_module, stage)
+            self.early_alerts.prepare(trainer, pl_module)
+        hub = StatHub.for_trainer(trainer)
+        if self.early_alerts is not None:  # before the views: alerts raised at a step are in its report
+            hub.listen(self.early_alerts.on_snapshot)
+        hub.listen(self.views.on_snapshot)
+        hub.listen(self._on_snapshot)
+        for listener in self._listeners:
+            hub.listen(listener)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for monitor in self.monitors:
-            monitor.on_fit_start(trainer, pl_module)
-        metrics = [m for monitor in self.monitors for m in monitor.METRICS]
-        global_metrics = [m for monitor in self.monitors for m in monitor.GLOBAL_METRICS]
-        add_layout(trainer, metrics, global_metrics)
-        notice = next(filter(None, (m._cadence.floor_notice("Watch") for m in self.monitors)), None)
+        self._bundle.start(trainer, pl_module)
+        sources = list(self.monitors)
+        if self.early_alerts is not None:
+            self.early_alerts.start(trainer, pl_module)
+            sources += self.early_alerts.sources()
+        StatHub.for_trainer(trainer).join(self, sources)
+        per_module, global_ = self._bundle.metrics()
+        if self.early_alerts is not None:
+            global_ += LossWindow.GLOBAL_METRICS
+        add_layout(trainer, per_module, global_)
+        notice = self._bundle.floor_notice("Watch")
         if notice:
             rank_zero_info(notice)
         self.views.reset()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.early_alerts is not None:
-            self.early_alerts._on_fit_start(trainer, pl_module)
+            self.early_alerts.train_start(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.views.on_train_end(trainer, pl_module, self.alerts)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.early_alerts is not None:
-            self.early_alerts._on_train_start(trainer, pl_module)
-
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for monitor in self.monitors:
-            monitor.teardown(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self._leave(trainer)
         if self.early_alerts is not None:
-            self.early_alerts._teardown(trainer, pl_module, stage)
+            self.early_alerts.stop(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        for monitor in self.monitors:
-            monitor.on_exception(trainer, pl_module, exception)
+        # Lightning calls no `teardown` after an exception: remove every hook we put on the model
+        self._leave(trainer)
         if self.early_alerts is not None:  # its first-batch recorder may still hold forward pre-hooks
-            self.early_alerts._on_exception(trainer, pl_module, exception)
+            self.early_alerts.abort()
         self.views.on_exception(trainer, pl_module, self.alerts)
 
+    def _leave(self, trainer: pl.Trainer) -> None:
+        self._bundle.stop()
+        hub = StatHub.for_trainer(trainer)
+        for listener in (self.views.on_snapshot, self._on_snapshot, *self._listeners):
+            hub.unlisten(listener)
+        if self.early_alerts is not None:
+            hub.unlisten(self.early_alerts.on_snapshot)
+        hub.leave(self)
+
+    def _on_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: Snapshot) -> None:
+        self._last_snapshot = snapshot
+
+    # ------------------------------------------------------------------ the batch (fast path: nothing due)
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.early_alerts is not None:  # first: its one-time checks run before any hook is armed
-            self.early_alerts._on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        for monitor in self.monitors:
-            monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            self.early_alerts.begin_batch(trainer, pl_module, batch)
+        self._busy = self._bundle.begin_batch(logging_step(trainer))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        for monitor in self.monitors:
-            monitor.on_before_optimizer_step(trainer, pl_module, optimizer)
+        if self._busy:
+            self._bundle.before_optimizer_step(trainer, pl_module, optimizer, logging_step(trainer))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.early_alerts is not None:  # first: the loss joins this step's read
-            self.early_alerts._on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        for monitor in self.monitors:
-            monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not steps_optimizer(trainer):
-            return
-        step = logging_step(trainer)
-        # monitors handed in pre-configured may keep their own cadence: each is read when it is due
-        histograms = {}
-        for monitor in self.monitors:
-            if monitor._cadence.is_histogram_step(step):
-                histograms.update(monitor._histograms())
-        add_histograms(trainer, histograms, step)
-        due = [m for m in self.monitors if m._cadence.is_log_step(step)]
-        if self.early_alerts is not None:  # the loss statistics join the same read
-            due += self.early_alerts._due_monitors(step)
-        if due:
-            self.last_snapshot = publish(trainer, pl_module, due, self._listeners)
+            self.early_alerts.end_batch(trainer, pl_module, outputs)
+        stepped = steps_optimizer(trainer)
+        if self._busy:
+            self._bundle.end_batch(trainer, pl_module, stepped, logging_step(trainer))
+        if stepped:
+            StatHub.for_trainer(trainer).batch_end(self, trainer, pl_module)
 
+    # ------------------------------------------------------------------ validation (monitors that measure it)
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bundle.call("on_validation_epoch_start", trainer, pl_module)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._bundle.call("on_validation_batch_start", trainer, pl_module, *args)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._bundle.call("on_validation_batch_end", trainer, pl_module, *args)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bundle.call("on_validation_epoch_end", trainer, pl_module)
+
+    # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         state = {type(m).__name__: m.state_dict() for m in self.monitors}
         if self.early_alerts is not None:
-            state["EarlyAlerts"] = self.early_alerts._engine_state()
+            state["EarlyAlerts"] = self.early_alerts.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -231,4 +262,4 @@ class Watch(Callback):
             if type(monitor).__name__ in state_dict:
                 monitor.load_state_dict(state_dict[type(monitor).__name__])
         if self.early_alerts is not None and "EarlyAlerts" in state_dict:
-            self.early_alerts._load_engine_state(state_dict["EarlyAlerts"])
+            self.early_alerts.load_state_dict(state_dict["EarlyAlerts"])

@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_watch import Alert, EarlyAlerts, GradientNormMonitor, Watch
-from lightning_watch.alerts import AlertError, AlertWarning, RuleContext
-from lightning_watch.alerts.engine import _Active, _worse
+from lightning_watch.alerts import AlertError, AlertLedger, AlertWarning, RuleContext
+from lightning_watch.hub import StatHub
 from lightning_watch.snapshot import Snapshot
 
 
@@ -131,28 +131,30 @@ def _alert(code="dead_units", value=0.8, severity="warning", module="fc"):
     return Alert(code, severity, 1, 0, module, value, 0.7, "m", "h")
 
 
-def test_dedupe_reraises_only_when_worse_or_back_after_clearing():
-    assert not _worse(_alert(value=0.9), _Active("warning", 0.8))
-    assert _worse(_alert(value=1.0, severity="error"), _Active("warning", 0.8))
-    assert _worse(_alert("exploding_gradients", 2e4), _Active("warning", 1.5e3))
-    assert _worse(_alert("vanishing_gradients", 1e-7), _Active("warning", 1e-4))
-    assert not _worse(_alert("vanishing_gradients", 1e-3), _Active("warning", 1e-4))
+def test_ledger_reraises_only_when_worse_or_back_after_clearing():
+    def raised_again(first, second):
+        ledger = AlertLedger()
+        ledger.update([first], {first.code})
+        return bool(ledger.update([second], {first.code}))
 
-    engine = EarlyAlerts()
+    assert not raised_again(_alert(value=0.8), _alert(value=0.9))
+    assert raised_again(_alert(value=0.8), _alert(value=1.0, severity="error"))
+    assert raised_again(_alert("exploding_gradients", 1.5e3), _alert("exploding_gradients", 2e4))
+    assert raised_again(_alert("vanishing_gradients", 1e-4), _alert("vanishing_gradients", 1e-7))
+    assert not raised_again(_alert("vanishing_gradients", 1e-4), _alert("vanishing_gradients", 1e-3))
 
-    class FakeTrainer:
-        world_size, is_global_zero = 1, False
-
-    t = FakeTrainer()
-    engine._process(t, [_alert()], {"dead_units"})
-    engine._process(t, [_alert(value=0.85)], {"dead_units"})  # same: no new alert
-    engine._process(t, [], {"dead_units"})
-    engine._process(t, [_alert()], {"dead_units"})  # absent once: not cleared yet
-    assert len(engine.alerts) == 1
-    engine._process(t, [], {"dead_units"})
-    engine._process(t, [], {"dead_units"})  # absent twice: cleared
-    engine._process(t, [_alert()], {"dead_units"})
-    assert len(engine.alerts) == 2
+    ledger = AlertLedger()
+    raised = []
+    raised += ledger.update([_alert()], {"dead_units"})
+    raised += ledger.update([_alert(value=0.85)], {"dead_units"})  # same: no new alert
+    raised += ledger.update([], {"dead_units"})
+    raised += ledger.update([_alert()], {"dead_units"})  # absent once: not cleared yet
+    assert len(raised) == 1
+    raised += ledger.update([], {"dead_units"})
+    raised += ledger.update([], {"dead_units"})  # absent twice: cleared
+    assert ledger.active() == []
+    raised += ledger.update([_alert()], {"dead_units"})
+    assert len(raised) == 2 and ledger.active() == [("dead_units", "fc")]
 
 
 # ---------------------------------------------------------------------- actions
@@ -269,17 +271,18 @@ def test_standalone_early_alerts_reads_a_standalone_monitor_instead_of_writing_t
     def run(name, model, with_alerts=True):
         grads, alerts = GradientNormMonitor(log_every_n_steps=5), EarlyAlerts(log_every_n_steps=5)
         callbacks = ([alerts, grads] if alerts_first else [grads, alerts]) if with_alerts else [grads]
-        fit(make_trainer(tmp_path / name, callbacks, max_steps=20, log_every_n_steps=5), model, data())
-        return grads, alerts, _points(tmp_path / name)
+        trainer = make_trainer(tmp_path / name, callbacks, max_steps=20, log_every_n_steps=5)
+        fit(trainer, model, data())
+        return trainer, grads, alerts, _points(tmp_path / name)
 
     # the same run with the gradient monitor alone: what it writes is the reference
     torch.manual_seed(0)
-    _, _, alone = run("alone", Net(), with_alerts=False)
+    _, _, _, alone = run("alone", Net(), with_alerts=False)
     reference = {key: values for key, values in alone.items() if key[0].startswith("watch/")}
     assert reference and all(math.isfinite(v) for values in reference.values() for v in values)
 
     torch.manual_seed(0)
-    grads, alerts, points = run("both", Net())
+    trainer, grads, alerts, points = run("both", Net())
     assert {key: len(v) for key, v in points.items() if len(v) > 1} == {}  # each (tag, step) once
     # the gradient points are the standalone monitor's, unchanged
     assert {key for key in points if "/grad_" in key[0]} == set(reference)
@@ -287,14 +290,14 @@ def test_standalone_early_alerts_reads_a_standalone_monitor_instead_of_writing_t
     # the families nobody else measures are still written by the alerts' own statistics
     assert ("watch/update_ratio/net.0", 4) in points and ("watch/global/loss", 4) in points
     # the rules saw the monitor's gradients in the same snapshot as the rest of the step
-    last = alerts._history[-1]
+    last = alerts.engine.history[-1]
     assert last.step == grads.last_snapshot.step == 14  # 16 batches, a write every 5 steps
     assert last.modules("grad_norm") == grads.last_snapshot.modules("grad_norm") != {}
     assert last.modules("update_ratio") and math.isfinite(last.get("loss"))
-    assert grads._listeners == []  # released at the end of fit
+    assert StatHub.for_trainer(trainer).members == []  # every member left the hub at the end of fit
 
     # and alert on them: NaN gradients are only measured by the user's monitor here
-    grads, alerts, points = run("nan", nan_model())
+    _, grads, alerts, points = run("nan", nan_model())
     assert {key: len(v) for key, v in points.items() if len(v) > 1} == {}
     assert "non_finite_gradients" in {a.code for a in alerts.alerts}
 
@@ -322,7 +325,7 @@ def test_state_dict_round_trip_resumes_without_duplicates(tmp_path):
     keys = [(a["code"], a["module"]) for a in after]
     assert len(keys) == len(set(keys))  # the fit-start checks did not raise again
     # the rules' history continues where it stopped: 3 restored + 3 new snapshots
-    assert [s.step for s in resumed.early_alerts._history] == [4, 9, 14, 19, 24, 29]
+    assert [s.step for s in resumed.early_alerts.engine.history] == [4, 9, 14, 19, 24, 29]
 
 
 # ---------------------------------------------------------------------- DDP

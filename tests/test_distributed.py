@@ -28,6 +28,7 @@ from lightning_watch import EarlyAlerts, Watch
 from lightning_watch.alerts import AlertError
 from lightning_watch.alerts.alert import Alert
 from lightning_watch.command import main as command_main
+from lightning_watch.hub import StatHub
 from lightning_watch.monitors import GradientNormMonitor, ParameterDeltaMonitor
 from lightning_watch.monitors._base import strategy_shards_parameters
 from lightning_watch.monitors._params import ParameterTable
@@ -150,12 +151,10 @@ def label_loader(rank: int) -> DataLoader:
 
 
 def _count_gathers_per_publish(counts: list[int]):
-    """Wrap ``Watch``'s publish: count ``trainer.strategy.all_gather`` calls made inside it."""
-    import lightning_watch.watch as watch_module
+    """Wrap the hub's publish: count ``trainer.strategy.all_gather`` calls made inside it."""
+    original = StatHub.publish
 
-    original = watch_module.publish
-
-    def publish(trainer, *args, **kwargs):
+    def publish(hub, trainer, *args, **kwargs):
         strategy = trainer.strategy
         calls = []
         gather = strategy.all_gather
@@ -167,13 +166,13 @@ def _count_gathers_per_publish(counts: list[int]):
         own = strategy.__dict__.get("all_gather")  # another counter may have wrapped it already
         strategy.all_gather = counting
         try:
-            return original(trainer, *args, **kwargs)
+            return original(hub, trainer, *args, **kwargs)
         finally:
             _restore(strategy, "all_gather", own)
             counts.append(len(calls))
 
-    watch_module.publish = publish
-    return lambda: setattr(watch_module, "publish", original)
+    StatHub.publish = publish
+    return lambda: setattr(StatHub, "publish", original)
 
 
 def _restore(obj, name: str, own) -> None:
@@ -257,10 +256,10 @@ def _sharded_reduction(rank: int) -> dict[str, float]:
         deltas._on_step_end(None, None, 0)
         with torch.no_grad():
             shard.weight.copy_(saved)
-        values = read_blocks([grads._collect(None), deltas._collect(None)], gather=gather)
+        values = read_blocks([grads.collect(), deltas.collect()], gather=gather)
         snapshot = Snapshot(step=0, epoch=0)
-        grads._finalize(values, snapshot)
-        deltas._finalize(values, snapshot)
+        grads.finalize(values, snapshot)
+        deltas.finalize(values, snapshot)
         tag = "sharded" if sharded else "replicated"
         results[f"{tag}.grad_norm"] = snapshot.get("grad_norm", "layer")
         results[f"{tag}.global_grad_norm"] = snapshot.get("grad_norm")
@@ -585,7 +584,7 @@ def test_sync_batch_norm_counts_the_global_batch():
     model(torch.randn(4, 2))
     recorder.remove()
     assert recorder.batch_norm == {"1": (4, True), "2": (4, False)}
-    ctx = EarlyAlerts()._context()
+    ctx = EarlyAlerts().engine.context()
     at = Snapshot(step=0, epoch=0)
     on_two = check_batch_norm(ctx, at, recorder.batch_norm, world_size=2)
     assert [(a.module, a.value) for a in on_two] == [("2", 4.0)]  # synced: 8 samples, not small

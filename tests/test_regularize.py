@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_watch import ActivityRegularizer, ActivityRule
-from lightning_watch.regularize_rules import OutputSums, rule_penalty
+from lightning_watch.regularize.rules import OutputSums, rule_penalty
 
 L1, L2 = 3e-3, 2e-2
 
@@ -262,7 +262,7 @@ def test_rule_penalty_matches_closed_forms():
 def test_batch_size_follows_batch_first_packed_sequences_and_tuple_choice():
     from torch.nn.utils.rnn import pack_padded_sequence
 
-    from lightning_watch.regularize_rules import select_output
+    from lightning_watch.regularize.rules import select_output
 
     lstm = nn.LSTM(3, 4)  # (seq, batch, feature) by default
     seq, batch = 7, 5

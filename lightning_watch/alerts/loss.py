@@ -1,8 +1,8 @@
 """The training loss as the alert rules see it: device accumulators, one read per logging step.
 
 ``outputs["loss"]`` of every training batch is added on the device (finite sum and count,
-non-finite count, min, max) and read with the other statistics in the foundation's single
-read of the logging step. A cheap guard additionally notices a non-finite loss within a few
+non-finite count, min, max) and read with the other statistics in the hub's single read of
+the logging step. A cheap guard additionally notices a non-finite loss within a few
 steps without any host sync: on the CPU the flag is read directly (no device to wait for), on
 an accelerator it is copied asynchronously into pinned host memory and read once its CUDA event
 has completed, a step or two later.
@@ -17,11 +17,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_watch.monitors._base import WatchMonitor
+from lightning_watch.cadence import Cadence
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock
+from lightning_watch.stats import StatBlock, StateRegistry, accumulator_dtype
 
 #: number of first training losses averaged into the "initial loss" the plateau/divergence rules compare with
 INITIAL_STEPS = 10
@@ -41,8 +41,18 @@ def extract_loss(outputs: Any, trainer: pl.Trainer, pl_module: pl.LightningModul
     return loss
 
 
-class LossMonitor(WatchMonitor):
-    """Window statistics of the training loss, published with the other monitors (internal).
+class LossWindow:
+    """Window statistics of the training loss: a :class:`~lightning_watch.hub.StatSource` of the alert engine.
+
+    Example:
+        >>> from lightning_watch.cadence import Cadence
+        >>> window = LossWindow()
+        >>> window.start(Cadence(log=2, sample=1), torch.device("cpu"))
+        >>> window.add(torch.tensor(2.0)); window.add(torch.tensor(4.0))
+        >>> from lightning_watch.stats import read_blocks
+        >>> snap = Snapshot(step=1, epoch=0); window.finalize(read_blocks([window.collect()]), snap)
+        >>> snap.get("loss"), snap.get("loss_max")
+        (3.0, 4.0)
 
     Logged Metrics:
         - ``watch/global/loss``: mean of the finite training losses of the window.
@@ -52,40 +62,42 @@ class LossMonitor(WatchMonitor):
 
     GLOBAL_METRICS = ("loss", "loss_min", "loss_max", "loss_nonfinite")
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self) -> None:
+        self.cadence: Cadence | None = None
+        self.KEY = f"LossWindow@{id(self):x}"  # unique across the sources of one read
         self.initial_loss = math.nan
         self._initial_seen = 0
         self._provisional = math.nan
-
-    def _default_module(self, module: nn.Module) -> bool:
-        return False  # the loss belongs to no module
-
-    def _on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._allocate()
-        pending, self._pending_window = getattr(self, "_pending_window", None), None
-        if pending:
-            self._sums.copy_(torch.tensor(pending["sums"], dtype=self._sums.dtype))
-            self._low.fill_(pending["low"])
-            self._high.fill_(pending["high"])
-            self._initial[: len(pending["initial"])].copy_(torch.tensor(pending["initial"], dtype=self._sums.dtype))
-
-    def _allocate(self) -> None:
-        dtype = torch.float64 if self._device.type != "mps" else torch.float32
+        self._device = torch.device("cpu")
+        self.state = StateRegistry()
         # folded window: finite sum, finite count, non-finite count; then min and max of finite losses
-        self._sums = torch.zeros(3, dtype=dtype, device=self._device)
-        self._low = torch.full((), math.inf, dtype=dtype, device=self._device)
-        self._high = torch.full((), -math.inf, dtype=dtype, device=self._device)
+        self.state.declare("sums", (3,), reduce="sum")
+        self.state.declare("low", (), reduce="min")
+        self.state.declare("high", (), reduce="max")
+
+    def start(self, cadence: Cadence, device: torch.device) -> None:
+        """Allocate on ``device`` (fit start); a window restored from a checkpoint is applied here."""
+        self.cadence = cadence
+        self._device = device
+        dtype = accumulator_dtype(device)
+        self.state.allocate(device)
         # Every step only copies its loss into a ring (one kernel, no sync); the ring is folded
         # into the sums when it is full and when the window is read.
-        self._ring = torch.zeros(RING, dtype=dtype, device=self._device)
+        self._ring = torch.zeros(RING, dtype=dtype, device=device)
         self._filled = 0
-        self._initial = torch.zeros(INITIAL_STEPS, dtype=dtype, device=self._device)
+        initial = torch.zeros(INITIAL_STEPS, dtype=dtype, device=device)
+        pending, self._pending_initial = getattr(self, "_pending_initial", None), None
+        if pending:
+            initial[: len(pending)].copy_(torch.tensor(pending, dtype=dtype))
+        self._initial = initial
+
+    def stop(self) -> None:
+        self.cadence = None
 
     def add(self, loss: Tensor) -> None:
         """Record one batch's loss on its device: one copy kernel, no host sync."""
-        if not hasattr(self, "_sums"):
-            self._allocate()
+        if not self.state.allocated:
+            return  # not started (a loss outside fit)
         self._ring[self._filled].copy_(loss)
         self._filled += 1
         if self._initial_seen < INITIAL_STEPS:
@@ -100,67 +112,70 @@ class LossMonitor(WatchMonitor):
         losses = self._ring[: self._filled]
         finite = torch.isfinite(losses)
         count = finite.sum(dtype=losses.dtype)
-        self._sums += torch.stack([torch.where(finite, losses, 0.0).sum(), count, self._filled - count])
-        torch.minimum(self._low, torch.where(finite, losses, math.inf).amin(), out=self._low)
-        torch.maximum(self._high, torch.where(finite, losses, -math.inf).amax(), out=self._high)
+        self.state["sums"].add_(torch.stack([torch.where(finite, losses, 0.0).sum(), count, self._filled - count]))
+        low, high = self.state["low"], self.state["high"]
+        torch.minimum(low, torch.where(finite, losses, math.inf).amin(), out=low)
+        torch.maximum(high, torch.where(finite, losses, -math.inf).amax(), out=high)
         self._filled = 0
 
-    def _collect(self, trainer: pl.Trainer) -> StatBlock:
-        block = StatBlock()
-        if not hasattr(self, "_sums"):
-            self._allocate()
+    # ------------------------------------------------------------------ StatSource
+    def collect(self) -> StatBlock:
+        if not self.state.allocated:
+            return StatBlock()
         self._fold()
+        block = self.state.block(self.KEY)
         first = self._initial[: self._initial_seen]
         finite = torch.isfinite(first)
-        initial = torch.stack([torch.where(finite, first, 0.0).sum(), finite.sum(dtype=first.dtype)])
-        block.add_sum(self._key("sums"), torch.cat([self._sums, initial]))
-        block.add_min(self._key("low"), self._low)
-        block.add_max(self._key("high"), self._high)
+        block.add_sum(
+            f"{self.KEY}.initial", torch.stack([torch.where(finite, first, 0.0).sum(), finite.sum(dtype=first.dtype)])
+        )
         return block
 
-    def _finalize(self, values: dict[str, Any], snapshot: Snapshot) -> None:
-        total, count, nonfinite, initial_sum, initial_count = values[self._key("sums")]
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        if f"{self.KEY}.sums" not in values:
+            return
+        total, count, nonfinite = values[f"{self.KEY}.sums"]
+        initial_sum, initial_count = values[f"{self.KEY}.initial"]
         if count + nonfinite == 0:
             return  # no loss was seen (manual optimization returning nothing)
         snapshot.put("loss_nonfinite", nonfinite)
         if count:
             snapshot.put("loss", total / count)
-            snapshot.put("loss_min", values[self._key("low")])
-            snapshot.put("loss_max", values[self._key("high")])
+            snapshot.put("loss_min", values[f"{self.KEY}.low"])
+            snapshot.put("loss_max", values[f"{self.KEY}.high"])
         if initial_count and not math.isfinite(self.initial_loss):
             if self._initial_seen >= INITIAL_STEPS:
                 self.initial_loss = initial_sum / initial_count
             else:  # fewer first losses than wanted so far: a provisional value
                 self._provisional = initial_sum / initial_count
 
+    def reset(self) -> None:
+        # the first losses stay: they stop growing after INITIAL_STEPS losses
+        self.state.reset()
+
+    def histograms(self) -> dict[str, Tensor]:
+        return {}
+
     def current_initial_loss(self) -> float:
         """The initial loss (provisional while fewer than :data:`INITIAL_STEPS` losses were seen)."""
         return self.initial_loss if math.isfinite(self.initial_loss) else self._provisional
 
-    def _reset(self) -> None:
-        # the first losses stay: they stop growing after INITIAL_STEPS losses
-        self._sums.zero_()
-        self._low.fill_(math.inf)
-        self._high.fill_(-math.inf)
-
+    # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"initial_loss": self.initial_loss, "initial_seen": self._initial_seen}
-        if hasattr(self, "_sums"):
+        if self.state.allocated:
             # checkpoint saving is not a hot path: one host copy of the open window
             self._fold()
-            state["window"] = {
-                "sums": self._sums.tolist(),
-                "low": self._low.item(),
-                "high": self._high.item(),
-                "initial": self._initial[: self._initial_seen].tolist(),
-            }
+            state["window"] = {**self.state.state_dict(), "initial": self._initial[: self._initial_seen].tolist()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial_loss = float(state_dict.get("initial_loss", math.nan))
         self._initial_seen = int(state_dict.get("initial_seen", 0))
-        self._pending_window = state_dict.get("window")
-        if not self._pending_window and not math.isfinite(self.initial_loss):
+        window = dict(state_dict.get("window") or {})
+        self._pending_initial = window.pop("initial", None)
+        self.state.load_state_dict(window)
+        if not window and not math.isfinite(self.initial_loss):
             self._initial_seen = 0  # measure the first losses of the resumed run instead
 
 

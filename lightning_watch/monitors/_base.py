@@ -1,15 +1,19 @@
-"""What every monitor shares: module selection, cadence, lifecycle, and publishing.
+"""What every monitor shares: module selection, cadence, lifecycle, and joining the statistics hub.
 
 A monitor subclass supplies the statistics (``_collect`` device tensors, ``_finalize`` host
 values); this base class decides *when* (sampling and logging steps, from :mod:`cadence`),
-arms the shared capture engine, and publishes: one read of all accumulators (one collective, one
-host transfer) per logging step, then scalars to every logger and the snapshot to listeners
-(such as early alerts).
+arms the shared capture engine, and offers the public :class:`~lightning_watch.hub.StatSource`
+face (``collect``/``finalize``/``reset``/``histograms``/``cadence``) that the hub reads.
+
+The measuring steps (``prepare``, ``start``, ``begin_batch``, ``before_optimizer_step``,
+``end_batch``, ``stop``) are public so that a bundle (``Watch``) can drive several monitors
+from its own hooks; the Lightning hooks of a standalone monitor call the same steps and make the
+monitor a hub member of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,47 +21,21 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
 from lightning_watch.capture import CapturedOutput, CaptureEngine, ModuleInfo
+from lightning_watch.hub import SnapshotListener, StatHub
 from lightning_watch.selection import ModuleSelection
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, read_blocks
-from lightning_watch.tensorboard import add_histograms, add_layout, log_scalars
-
-SnapshotListener = Callable[[pl.Trainer, pl.LightningModule, Snapshot], None]
+from lightning_watch.stats import StatBlock, StateRegistry
+from lightning_watch.tensorboard import add_layout
 
 
 def strategy_shards_parameters(trainer: pl.Trainer) -> bool:
     """True under FSDP-like strategies, where each rank holds a shard of each parameter."""
     name = type(trainer.strategy).__name__
     return "FSDP" in name or "DeepSpeed" in name or "ModelParallel" in name
-
-
-def gather_for(trainer: pl.Trainer):
-    """The all-gather to reduce statistics with, or ``None`` in a single process."""
-    if trainer.world_size <= 1:
-        return None
-    return lambda tensor: trainer.strategy.all_gather(tensor)
-
-
-def publish(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    monitors: Sequence[WatchMonitor],
-    listeners: Sequence[SnapshotListener] = (),
-) -> Snapshot:
-    """Read, reduce, finalize and write the statistics of ``monitors`` for this logging step."""
-    blocks = [monitor._collect(trainer) for monitor in monitors]
-    values = read_blocks(blocks, gather=gather_for(trainer))
-    snapshot = Snapshot(step=logging_step(trainer), epoch=trainer.current_epoch)
-    for monitor in monitors:
-        monitor._finalize(values, snapshot)
-        monitor._reset()
-    log_scalars(trainer, snapshot)
-    for listener in listeners:
-        listener(trainer, pl_module, snapshot)
-    return snapshot
 
 
 class WatchMonitor(Callback):
@@ -96,8 +74,6 @@ class WatchMonitor(Callback):
         self._log_every_n_steps = check_interval("log_every_n_steps", log_every_n_steps)
         self._sample_every_n_steps = check_interval("sample_every_n_steps", sample_every_n_steps)
         self._histogram_every_n_steps = check_interval("histogram_every_n_steps", histogram_every_n_steps)
-        self._managed = False  # True when a `Watch` drives this monitor and publishes for it
-        self._listeners: list[SnapshotListener] = []
         self._modules: list[tuple[str, nn.Module]] = []
         self._infos: list[ModuleInfo] = []
         self._engine: CaptureEngine | None = None
@@ -106,6 +82,9 @@ class WatchMonitor(Callback):
         self.last_snapshot: Snapshot | None = None
         self._sampling = False  # whether the current batch is sampled
         self._histogram_due = False  # whether the current batch writes histograms
+        self._pending_listeners: list[SnapshotListener] = []
+        #: the device accumulators of the open window, declared by ``_declare_state`` each fit
+        self.state = StateRegistry()
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -125,17 +104,25 @@ class WatchMonitor(Callback):
         """Qualified names of the watched modules, in registration order (after ``setup``)."""
         return [name for name, _ in self._modules]
 
+    @property
+    def cadence(self) -> Cadence | None:
+        """When this monitor samples, logs and writes histograms (``None`` before ``setup``)."""
+        return self._cadence
+
     def add_listener(self, listener: SnapshotListener) -> None:
-        """Call ``listener(trainer, pl_module, snapshot)`` after each publication."""
-        self._listeners.append(listener)
+        """Call ``listener(trainer, pl_module, snapshot)`` after each publication that includes this monitor.
+
+        Listeners are the hub's: a listener of a standalone monitor receives the snapshot of every
+        publication of its Trainer (all of this package's callbacks share one read per step).
+        """
+        self._pending_listeners.append(listener)
 
     def _default_module(self, module: nn.Module) -> bool:
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ lifecycle
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    # ------------------------------------------------------------------ measuring steps (public: Watch drives them)
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resolve the selection and the cadence, subscribe to the capture engine (``setup``)."""
         self._selection.check_types(pl_module)
         self._modules = self._selection.resolve(pl_module, self._default_module)
         self._cadence = Cadence.resolve(
@@ -145,25 +132,89 @@ class WatchMonitor(Callback):
         if self.CAPTURES_OUTPUTS:
             self._engine = CaptureEngine.for_model(pl_module)
             self._infos = self._engine.subscribe(self, self._modules)
+        self.state.clear()
+        self._declare_state(self.state)
         self._on_setup(trainer, pl_module)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the device is final here (setup runs before the model is moved)
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Allocate device state: the model is on its final device (``on_fit_start``)."""
         self._device = pl_module.device
+        self.state.allocate(self._device)  # also applies a checkpoint restored after `setup`
         self._on_fit_start(trainer, pl_module)
-        if not self._managed:
-            add_layout(trainer, self.METRICS, self.GLOBAL_METRICS)
-            notice = self._cadence.floor_notice(type(self).__name__)
-            if notice:
-                rank_zero_info(notice)
+
+    def stop(self) -> None:
+        """Remove every hook and drop per-fit state (``teardown``, also after an exception)."""
+        if self._engine is not None:
+            self._engine.unsubscribe(self)
+            self._engine = None
+        # the window's accumulators stay: `trainer.save_checkpoint` after fit still saves them
+        self._on_teardown()
+
+    def begin_batch(self, step: int) -> None:
+        """Arm the capture engine if ``step`` is sampled."""
+        self._sampling = self._cadence.is_sample_step(step)
+        self._histogram_due = self._cadence.is_histogram_step(step)
+        if self._engine is not None and self._sampling:
+            self._engine.arm(self)
+
+    def before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, step: int
+    ) -> None:
+        """Gradients are final for this optimizer (unscaled, not clipped)."""
+        self._before_optimizer_step(trainer, pl_module, optimizer, step)
+
+    def end_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stepped: bool, step: int) -> None:
+        """Disarm the capture engine; on a batch that stepped the optimizer, finish its measurements."""
+        if self._engine is not None:
+            self._engine.disarm(self)
+        if stepped:
+            self._on_step_end(trainer, pl_module, step)
+
+    # ------------------------------------------------------------------ StatSource (read by the hub)
+    def collect(self) -> StatBlock:
+        return self._collect()
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        self._finalize(values, snapshot)
+        self.last_snapshot = snapshot
+
+    def reset(self) -> None:
+        self.state.reset()
+        self._reset()
+
+    def histograms(self) -> dict[str, Tensor]:
+        return self._histograms()
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        # checkpoint saving is not a hot path: one host copy of the open window
+        return self.state.state_dict() if self.state.allocated else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state.load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ Lightning hooks (standalone use)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.prepare(trainer, pl_module)
+        hub = StatHub.for_trainer(trainer)
+        hub.join(self, [self])
+        for listener in self._pending_listeners:
+            hub.listen(listener)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start(trainer, pl_module)
+        add_layout(trainer, self.METRICS, self.GLOBAL_METRICS)
+        notice = self._cadence.floor_notice(type(self).__name__)
+        if notice:
+            rank_zero_info(notice)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self._engine is not None:
-            self._engine.unsubscribe(self)
-            self._engine = None
-        self._on_teardown()
+        self.stop()
+        StatHub.for_trainer(trainer).leave(self)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning does not call `teardown` on callbacks after an exception: without this, a
@@ -173,29 +224,25 @@ class WatchMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = logging_step(trainer)
-        self._sampling = self._cadence.is_sample_step(step)
-        self._histogram_due = self._cadence.is_histogram_step(step)
-        if self._engine is not None and self._sampling:
-            self._engine.arm(self)
+        self.begin_batch(logging_step(trainer))
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        self.before_optimizer_step(trainer, pl_module, optimizer, logging_step(trainer))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._engine is not None:
-            self._engine.disarm(self)
-        if not steps_optimizer(trainer):
-            return
-        step = logging_step(trainer)
-        self._on_step_end(trainer, pl_module, step)
-        if self._managed:
-            return
-        if self._cadence.is_histogram_step(step):
-            add_histograms(trainer, self._histograms(), step)
-        if self._cadence.is_log_step(step):
-            self.last_snapshot = publish(trainer, pl_module, [self], self._listeners)
+        stepped = steps_optimizer(trainer)
+        self.end_batch(trainer, pl_module, stepped, logging_step(trainer))
+        if stepped:
+            StatHub.for_trainer(trainer).batch_end(self, trainer, pl_module)
 
     # ------------------------------------------------------------------ subclass interface
+    def _declare_state(self, state: StateRegistry) -> None:
+        """Declare the window's accumulators (the selection is resolved; sizes may be callables)."""
+
     def _on_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build per-fit state (the selection is resolved)."""
 
@@ -205,17 +252,22 @@ class WatchMonitor(Callback):
     def _on_teardown(self) -> None:
         """Drop per-fit state and remove any hook the subclass registered."""
 
+    def _before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, step: int
+    ) -> None:
+        """Called before each optimizer step (gradients final)."""
+
     def _on_step_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         """Called at the end of each optimizer-stepping batch, before publication."""
 
     def consume(self, index: int, captured: CapturedOutput) -> None:
         """Receive one module call's output (monitors with ``CAPTURES_OUTPUTS``)."""
 
-    def _collect(self, trainer: pl.Trainer) -> StatBlock:
+    def _collect(self) -> StatBlock:
         """Device tensors to read this logging step, with their cross-process reductions."""
         return StatBlock()
 
-    def _finalize(self, values: dict[str, Any], snapshot: Snapshot) -> None:
+    def _finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
         """Turn read values into snapshot entries."""
 
     def _reset(self) -> None:
@@ -226,5 +278,5 @@ class WatchMonitor(Callback):
         return {}
 
     def _key(self, name: str) -> str:
-        # statistic names are unique across monitors sharing one read
-        return f"{type(self).__name__}.{name}"
+        # statistic names are unique across the sources of one read (two monitors of one class too)
+        return f"{type(self).__name__}@{id(self):x}.{name}"

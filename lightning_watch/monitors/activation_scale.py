@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_watch.cadence import logging_step
 from lightning_watch.capture import CapturedOutput
-from lightning_watch.monitors._base import WatchMonitor, gather_for
+from lightning_watch.hub import StatHub
+from lightning_watch.monitors._base import WatchMonitor
 from lightning_watch.selection import ACTIVATION_TYPES, owns_parameters
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import MOMENT_FIELDS, StatBlock, accumulator_dtype, read_blocks
-from lightning_watch.tensorboard import log_scalars
+from lightning_watch.stats import MOMENT_FIELDS, StatBlock, StateRegistry
 
 _SUM, _SUM_SQ, _NONFINITE, _SATURATED = range(len(MOMENT_FIELDS))
 
@@ -24,56 +23,22 @@ _SUM, _SUM_SQ, _NONFINITE, _SATURATED = range(len(MOMENT_FIELDS))
 HISTOGRAM_SAMPLE = 65_536
 
 
-@dataclass
-class _Window:
-    """Open accumulators of one window: sums (n, fields), running max/min, element counts."""
+def _declare_window(state: StateRegistry, size: int) -> None:
+    """The accumulators of one window: sums (modules, fields), running max/min, element counts."""
+    state.declare("sums", (size, len(MOMENT_FIELDS)), reduce="sum")
+    state.declare("high", (size,), reduce="max")
+    state.declare("low", (size,), reduce="min")
+    # elements seen: host numbers, no device work per call; summed over ranks in the read
+    state.declare("counts", (size,), reduce="sum", host=True)
 
-    sums: Tensor
-    high: Tensor
-    low: Tensor
-    counts: list[int]
 
-    @classmethod
-    def empty(cls, n: int, device: torch.device) -> _Window:
-        dtype = accumulator_dtype(device)
-        return cls(
-            sums=torch.zeros(n, len(MOMENT_FIELDS), dtype=dtype, device=device),
-            high=torch.full((n,), -math.inf, dtype=dtype, device=device),
-            low=torch.full((n,), math.inf, dtype=dtype, device=device),
-            counts=[0] * n,  # elements seen: host numbers, no device work per call
-        )
-
-    def add(self, index: int, captured: CapturedOutput) -> None:
-        stats = captured.moments()
-        self.sums[index, : stats.summed.shape[0]].add_(stats.summed)
-        torch.maximum(self.high[index], stats.high, out=self.high[index])
-        torch.minimum(self.low[index], stats.low, out=self.low[index])
-        self.counts[index] += stats.count
-
-    def block(self, prefix: str) -> StatBlock:
-        block = StatBlock()
-        block.add_sum(f"{prefix}.sums", self.sums)
-        block.add_max(f"{prefix}.high", self.high)
-        block.add_min(f"{prefix}.low", self.low)
-        # counts join the one read so that DDP sums them with everything else
-        block.add_sum(f"{prefix}.counts", torch.tensor(self.counts, dtype=self.sums.dtype, device=self.sums.device))
-        return block
-
-    def reset(self) -> None:
-        self.sums.zero_()
-        self.high.fill_(-math.inf)
-        self.low.fill_(math.inf)
-        self.counts = [0] * len(self.counts)
-
-    def state(self) -> dict[str, list]:
-        return {"sums": self.sums.tolist(), "high": self.high.tolist(), "low": self.low.tolist(), "counts": self.counts}
-
-    def load(self, state: dict[str, list]) -> None:
-        dtype = self.sums.dtype
-        self.sums.copy_(torch.tensor(state["sums"], dtype=dtype))
-        self.high.copy_(torch.tensor(state["high"], dtype=dtype))
-        self.low.copy_(torch.tensor(state["low"], dtype=dtype))
-        self.counts = list(state["counts"])
+def _add(state: StateRegistry, index: int, captured: CapturedOutput) -> None:
+    stats = captured.moments()
+    sums, high, low = state["sums"], state["high"], state["low"]
+    sums[index, : stats.summed.shape[0]].add_(stats.summed)
+    torch.maximum(high[index], stats.high, out=high[index])
+    torch.minimum(low[index], stats.low, out=low[index])
+    state["counts"][index] += stats.count
 
 
 class ActivationScaleMonitor(WatchMonitor):
@@ -126,10 +91,8 @@ class ActivationScaleMonitor(WatchMonitor):
         ):
             raise ValueError(f"`saturation_margin` must be a number in (0, 0.5), got {saturation_margin!r}.")
         self.saturation_margin = float(saturation_margin)
-        self._window: _Window | None = None
-        self._val_window: _Window | None = None
+        self._val_window: StateRegistry | None = None
         self._samples: dict[int, Tensor] = {}
-        self._pending_state: dict[str, Any] | None = None
 
     def _default_module(self, module: nn.Module) -> bool:
         return owns_parameters(module) or isinstance(module, ACTIVATION_TYPES)
@@ -137,31 +100,33 @@ class ActivationScaleMonitor(WatchMonitor):
     def _on_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._engine.saturation_margin = self.saturation_margin
 
-    def _on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._window = _Window.empty(len(self._modules), self._device)
-        pending, self._pending_state = self._pending_state, None
-        if pending is not None and len(pending.get("counts", ())) == len(self._modules):
-            self._window.load(pending)
+    def _declare_state(self, state: StateRegistry) -> None:
+        _declare_window(state, len(self._modules))
 
     def _on_teardown(self) -> None:
         self._samples = {}
         self._val_window = None
 
     def consume(self, index: int, captured: CapturedOutput) -> None:
-        window = self._val_window if self._val_window is not None else self._window
-        window.add(index, captured)
+        _add(self._val_window or self.state, index, captured)
         if self._histogram_due and self._val_window is None:
             flat = captured.tensor.detach().reshape(-1)
             stride = max(1, flat.numel() // HISTOGRAM_SAMPLE)
             self._samples[index] = flat[::stride].float().clone()
 
-    def _collect(self, trainer: pl.Trainer) -> StatBlock:
-        return self._window.block(self._key("train")) if self._window is not None else StatBlock()
+    def _collect(self) -> StatBlock:
+        return self.state.block(self._key("train"))
 
-    def _finalize(self, values: dict[str, Any], snapshot: Snapshot) -> None:
-        self._put(values, self._key("train"), snapshot, prefix="")
+    def _finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        self.put_window(values, self._key("train"), snapshot, prefix="")
 
-    def _put(self, values: dict[str, Any], key: str, snapshot: Snapshot, prefix: str) -> None:
+    @property
+    def val_key(self) -> str:
+        """Prefix of the validation window's statistics in a read."""
+        return self._key("val")
+
+    def put_window(self, values: Mapping[str, Any], key: str, snapshot: Snapshot, prefix: str) -> None:
+        """Snapshot entries (``<prefix>act_*``) from the read values of the window under ``key``."""
         if f"{key}.sums" not in values:
             return
         width = len(MOMENT_FIELDS)
@@ -182,14 +147,12 @@ class ActivationScaleMonitor(WatchMonitor):
             if info.bounds is not None:
                 snapshot.put(f"{prefix}act_saturated_frac", row[_SATURATED] / count, info.name)
 
-    def _reset(self) -> None:
-        if self._window is not None:
-            self._window.reset()
-
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.validation and self._engine is not None and not trainer.sanity_checking:
-            self._val_window = _Window.empty(len(self._modules), self._device)
+            self._val_window = StateRegistry()
+            _declare_window(self._val_window, len(self._modules))
+            self._val_window.allocate(self._device)
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._val_window is not None:
@@ -203,21 +166,31 @@ class ActivationScaleMonitor(WatchMonitor):
         window, self._val_window = self._val_window, None
         if window is None:
             return
-        key = self._key("val")
-        values = read_blocks([window.block(key)], gather=gather_for(trainer))
-        snapshot = Snapshot(step=logging_step(trainer), epoch=trainer.current_epoch)
-        self._put(values, key, snapshot, prefix="val_")
-        log_scalars(trainer, snapshot)
-        self.last_validation_snapshot = snapshot
+        source = _ValidationWindow(self, window)
+        # written, but not handed to the alert rules: they judge training windows
+        self.last_validation_snapshot = StatHub.for_trainer(trainer).publish(trainer, pl_module, [source], notify=False)
 
     def _histograms(self) -> dict[str, Tensor]:
         samples, self._samples = self._samples, {}
         return {f"watch_hist/activation/{self._infos[i].name}": t for i, t in samples.items()}
 
-    # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> dict[str, Any]:
-        # checkpoint saving is not a hot path: one host copy of the open training window
-        return self._window.state() if self._window is not None else {}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = dict(state_dict) if state_dict else None
+class _ValidationWindow:
+    """The validation window of one :class:`ActivationScaleMonitor` as a one-off hub source."""
+
+    cadence = None
+
+    def __init__(self, monitor: ActivationScaleMonitor, window: StateRegistry) -> None:
+        self._monitor, self._window = monitor, window
+
+    def collect(self) -> StatBlock:
+        return self._window.block(self._monitor.val_key)
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        self._monitor.put_window(values, self._monitor.val_key, snapshot, prefix="val_")
+
+    def reset(self) -> None:
+        pass
+
+    def histograms(self) -> dict[str, Tensor]:
+        return {}

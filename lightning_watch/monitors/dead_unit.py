@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ from torch.optim import Optimizer
 from lightning_watch.capture import CapturedOutput
 from lightning_watch.monitors._base import WatchMonitor
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, grad_rows_alive
+from lightning_watch.stats import StatBlock, StateRegistry, grad_rows_alive
 
 #: Activations whose units can die: their output is exactly 0 for every input at or below a
 #: threshold, so a unit that never gets a positive output also never gets a gradient.
@@ -63,48 +64,38 @@ class DeadUnitMonitor(WatchMonitor):
     METRICS = ("dead_frac",)
     CAPTURES_OUTPUTS = True
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._alive: list[Tensor | None] = []
-        self._pending_state: dict[str, Any] | None = None
-
     def _default_module(self, module: nn.Module) -> bool:
         return isinstance(module, RECTIFIER_TYPES) or (
             isinstance(module, WEIGHTED_TYPES) and _weight_unit_dim(module) is not None
         )
 
-    def _on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _declare_state(self, state: StateRegistry) -> None:
         # weighted layers use the gradient criterion, every other module its output
         self._grad_dims = [
             _weight_unit_dim(module) if isinstance(module, WEIGHTED_TYPES) else None for _, module in self._modules
         ]
-        self._alive = [None] * len(self._modules)
-        # samples seen per module in the window; a module with none reports nothing
-        self._seen = torch.zeros(len(self._modules), device=self._device)
         for index, (_, module) in enumerate(self._modules):
             dim = self._grad_dims[index]
-            if dim is not None:  # size is known from the weight, so every rank has the same layout
-                self._alive[index] = torch.zeros(module.weight.shape[dim], dtype=torch.bool, device=self._device)
-        pending, self._pending_state = self._pending_state, None
-        if pending and len(pending.get("alive", ())) == len(self._modules):
-            for index, bits in enumerate(pending["alive"]):
-                if bits is not None:
-                    self._alive[index] = torch.tensor(bits, dtype=torch.bool, device=self._device)
-            self._seen = torch.tensor(pending["seen"], dtype=torch.float32, device=self._device)
+            # a weighted layer's size is known from its weight, so every rank has the same layout;
+            # an activation's is known from its first output
+            shape = (module.weight.shape[dim],) if dim is not None else None
+            state.declare(f"alive.{index}", shape, reduce="max", dtype=torch.bool)
+        # samples seen per module in the window; a module with none reports nothing
+        state.declare("seen", (len(self._modules),), reduce="sum", host=True)
 
     def consume(self, index: int, captured: CapturedOutput) -> None:
         if self._grad_dims[index] is not None:
             return  # weighted layers are judged by their gradients
         alive = captured.alive()
-        current = self._alive[index]
+        current = self.state[f"alive.{index}"]
         if current is None or current.shape != alive.shape:
-            self._alive[index] = alive.clone()
+            self.state[f"alive.{index}"] = alive.clone()
         else:
             current.logical_or_(alive)
-        self._seen[index] += 1
+        self.state["seen"][index] += 1
 
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    def _before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, step: int
     ) -> None:
         if not self._sampling:
             return
@@ -112,36 +103,15 @@ class DeadUnitMonitor(WatchMonitor):
             dim = self._grad_dims[index]
             grad = module.weight.grad if dim is not None else None
             if grad is not None:
-                self._alive[index].logical_or_(grad_rows_alive(grad, dim))
-                self._seen[index] += 1
+                self.state[f"alive.{index}"].logical_or_(grad_rows_alive(grad, dim))
+                self.state["seen"][index] += 1
 
-    def _collect(self, trainer: pl.Trainer) -> StatBlock:
-        block = StatBlock()
-        block.add_sum(self._key("seen"), self._seen)
-        for index, alive in enumerate(self._alive):
-            if alive is not None:
-                block.add_max(self._key(f"alive.{index}"), alive.to(torch.float32))
-        return block
+    def _collect(self) -> StatBlock:
+        return self.state.block(self._key("state"))
 
-    def _finalize(self, values: dict[str, Any], snapshot: Snapshot) -> None:
-        seen = values[self._key("seen")]
+    def _finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        seen = values[self._key("state.seen")]
         for index, (name, _) in enumerate(self._modules):
-            bits = values.get(self._key(f"alive.{index}"))
+            bits = values.get(self._key(f"state.alive.{index}"))
             if bits and seen[index]:
                 snapshot.put("dead_frac", 1.0 - sum(bits) / len(bits), name)
-
-    def _reset(self) -> None:
-        # buffers keep their size, so every rank keeps the same layout for the next read
-        for alive in self._alive:
-            if alive is not None:
-                alive.zero_()
-        self._seen.zero_()
-
-    def state_dict(self) -> dict[str, Any]:
-        if not self._alive:
-            return {}
-        # checkpoint saving is not a hot path: one host copy of the open window
-        return {"alive": [None if a is None else a.tolist() for a in self._alive], "seen": self._seen.tolist()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = dict(state_dict) if state_dict else None

@@ -88,8 +88,8 @@ class GradientNormMonitor(ParameterMonitor):
         cadence = self._cadence
         return cadence.is_log_step(step), cadence.is_histogram_step(step)
 
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    def _before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, step: int
     ) -> None:
         due_log, due_hist = self._is_due(trainer)
         if not (due_log or due_hist) or self._table is None:
@@ -149,7 +149,7 @@ class GradientNormMonitor(ParameterMonitor):
         self._clipped_sq = _add(self._clipped_sq, torch.stack(norms).square().sum())
 
     # ------------------------------------------------------------------ publication
-    def _collect(self, trainer: pl.Trainer) -> StatBlock:
+    def _collect(self) -> StatBlock:
         block = StatBlock()
         m = self._table.num_modules if self._table is not None else 0
         zeros = torch.zeros(m + 1, device=self._device)

@@ -70,8 +70,8 @@ class ParameterDeltaMonitor(ParameterMonitor):
     def _reset(self) -> None:
         self._clear()
 
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    def _before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, step: int
     ) -> None:
         step = logging_step(trainer)
         if not self._cadence.is_log_step(step) or self._table is None:
@@ -113,7 +113,7 @@ class ParameterDeltaMonitor(ParameterMonitor):
             self._result = (update_sq, param_sq, count)
         self._before = None  # release the copy
 
-    def _collect(self, trainer: pl.Trainer) -> StatBlock:
+    def _collect(self) -> StatBlock:
         block = StatBlock()
         m = self._table.num_modules if self._table is not None else 0
         zeros = torch.zeros(m + 1, device=self._device)

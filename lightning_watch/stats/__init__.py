@@ -12,11 +12,13 @@ from lightning_watch.stats.kernels import (
     nonfinite_count,
 )
 from lightning_watch.stats.reduce import StatBlock, read_blocks
+from lightning_watch.stats.state import StateRegistry
 
 __all__ = [
     "MOMENT_FIELDS",
     "Moments",
     "StatBlock",
+    "StateRegistry",
     "accumulator_dtype",
     "alive_units",
     "grad_rows_alive",

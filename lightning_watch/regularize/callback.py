@@ -5,7 +5,7 @@ outputs to the loss. It is kept apart from the capture engine for that reason: t
 hooks detach what they see and run on sampled batches only; these hooks keep the autograd graph
 and run on every training forward pass.
 
-How the penalty reaches the loss (see :mod:`lightning_watch.regularize_backward`): forward hooks
+How the penalty reaches the loss (see :mod:`lightning_watch.regularize.backward`): forward hooks
 compute each penalty on the live output and hold it until Lightning's next backward, which
 goes through ``trainer.strategy.backward``; the callback shadows that method on the strategy
 instance for the duration of ``fit`` and passes ``closure_loss + penalty`` on (divided by
@@ -17,7 +17,7 @@ for a hand-written ``loss + penalty``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
-from lightning_watch.monitors._base import gather_for
-from lightning_watch.regularize_backward import BackwardPatch
-from lightning_watch.regularize_rules import (
+from lightning_watch.hub import SnapshotListener, StatHub
+from lightning_watch.regularize.backward import BackwardPatch
+from lightning_watch.regularize.rules import (
     ActivityRule,
     OutputSums,
     parse_rules,
@@ -37,11 +37,9 @@ from lightning_watch.regularize_rules import (
     select_output,
 )
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, accumulator_dtype, read_blocks
-from lightning_watch.tensorboard import add_layout, log_scalars
+from lightning_watch.stats import StatBlock, StateRegistry
+from lightning_watch.tensorboard import add_layout
 from lightning_watch.warn import warn_once
-
-SnapshotListener = Callable[[pl.Trainer, pl.LightningModule, Snapshot], None]
 
 
 class ActivityRegularizer(Callback):
@@ -122,21 +120,18 @@ class ActivityRegularizer(Callback):
         self._log_every_n_steps = check_interval("log_every_n_steps", log_every_n_steps)
         self._listeners: list[SnapshotListener] = []
         self.last_snapshot: Snapshot | None = None
+        self.cadence: Cadence | None = None  # StatSource: when the penalties are read
         # per fit
         self._targets: list[tuple[str, nn.Module, tuple[int, ...]]] = []
         self._handles: list[RemovableHandle] = []
         self._patch: BackwardPatch | None = None
         self._strategy: Any = None
-        self._cadence: Cadence | None = None
         self._automatic = True
         self._active = False  # inside a training batch
         self._weights: list[float] = []
         self._pending: list[Tensor | None] = []  # per rule, with graph, since the last backward
-        # logging window: device sums, host counts
-        self._penalty_sums: Tensor | None = None  # (rules,)
-        self._sq_sums: Tensor | None = None  # (modules,)
-        self._elements: list[int] = []
-        self._batches = 0
+        # logging window, declared per fit: device sums, host counts
+        self.state = StateRegistry()
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -159,7 +154,7 @@ class ActivityRegularizer(Callback):
         self._uninstall()  # a second fit with the same callback starts clean
         targets = self._resolve(pl_module)
         # the penalty is a few scalars computed every step anyway: it follows the Trainer exactly, like the loss
-        self._cadence = Cadence.resolve(trainer, self._log_every_n_steps, None, min_inherited_log=1)
+        self.cadence = Cadence.resolve(trainer, self._log_every_n_steps, None, min_inherited_log=1)
         self._automatic = pl_module.automatic_optimization
         self._targets = targets
         self._pending = [None] * len(self.rules)
@@ -168,13 +163,19 @@ class ActivityRegularizer(Callback):
             self._handles.append(module.register_forward_hook(self._make_hook(index)))
         self._strategy = trainer.strategy
         self._patch = BackwardPatch.attach(trainer, self._drain)
+        self.state.clear()
+        self.state.declare("penalty", (len(self.rules),), reduce="sum")  # summed penalty per rule
+        self.state.declare("sum_sq", (len(targets),), reduce="sum")  # squared outputs per module
+        # elements per module, then batches: host counts, summed over processes in the read
+        self.state.declare("counts", (len(targets) + 1,), reduce="sum", host=True)
+        hub = StatHub.for_trainer(trainer)
+        hub.join(self, [self])
+        for listener in self._listeners:
+            hub.listen(listener)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the model is on its final device here (setup runs before it moves)
-        dtype = accumulator_dtype(pl_module.device)
-        self._penalty_sums = torch.zeros(len(self.rules), dtype=dtype, device=pl_module.device)
-        self._sq_sums = torch.zeros(len(self._targets), dtype=dtype, device=pl_module.device)
-        self._reset_window()
+        self.state.allocate(pl_module.device)
         add_layout(trainer, self.METRICS, self.GLOBAL_METRICS)
 
     def on_train_batch_start(
@@ -189,7 +190,8 @@ class ActivityRegularizer(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._active = False
-        self._batches += 1
+        if self.state.allocated:
+            self.state["counts"][-1] += 1
         if any(term is not None for term in self._pending):
             if not self._automatic:
                 warn_once(
@@ -199,8 +201,8 @@ class ActivityRegularizer(Callback):
                     "(not `loss.backward()`) so the penalty is added.",
                 )
             self._pending = [None] * len(self.rules)  # release the graph
-        if steps_optimizer(trainer) and self._cadence.is_log_step(logging_step(trainer)):
-            self.last_snapshot = self._publish(trainer, pl_module)
+        if steps_optimizer(trainer):
+            StatHub.for_trainer(trainer).batch_end(self, trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a batch can end without `on_train_batch_end` (a module's `on_train_batch_start` returning -1)
@@ -212,10 +214,12 @@ class ActivityRegularizer(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._uninstall()
+            StatHub.for_trainer(trainer).leave(self)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning does not call `teardown` on callbacks after an exception: restore the model here
         self._uninstall()
+        StatHub.for_trainer(trainer).leave(self)
 
     # ------------------------------------------------------------------ internals
     def _resolve(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
@@ -265,8 +269,8 @@ class ActivityRegularizer(Callback):
             pending = self._pending[r]
             self._pending[r] = penalty if pending is None else pending + penalty
         # activation scale: stays on the device until a logging step
-        self._sq_sums[index] += first.sum_sq_detached()
-        self._elements[index] += first.tensor.numel()
+        self.state["sum_sq"][index] += first.sum_sq_detached()
+        self.state["counts"][index] += first.tensor.numel()
 
     def _drain(self) -> Tensor | None:
         """The penalties pending since the last backward (with graph), for :class:`BackwardPatch`."""
@@ -274,48 +278,42 @@ class ActivityRegularizer(Callback):
         for r, term in enumerate(self._pending):
             if term is None:
                 continue
-            self._penalty_sums[r] += term.detach()
+            self.state["penalty"][r] += term.detach()
             total = term if total is None else total + term
         if total is not None:
             self._pending = [None] * len(self.rules)
         return total
 
-    def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot:
-        device = self._penalty_sums.device
-        block = StatBlock()
-        block.add_sum("penalty", self._penalty_sums)
-        block.add_sum("sum_sq", self._sq_sums)
-        # host counts join the one read (they are summed over processes with the rest)
-        block.add_sum(
-            "counts", torch.tensor([*self._elements, self._batches], dtype=self._sq_sums.dtype, device=device)
-        )
-        values = read_blocks([block], gather=gather_for(trainer))
-        snapshot = Snapshot(step=logging_step(trainer), epoch=trainer.current_epoch)
-        *elements, batches = values["counts"]
+    # ------------------------------------------------------------------ StatSource (read by the hub)
+    def collect(self) -> StatBlock:
+        return self.state.block(self._read_key)
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        *elements, batches = values[f"{self._read_key}.counts"]
         if batches:
-            penalties = [value / batches for value in values["penalty"]]
+            penalties = [value / batches for value in values[f"{self._read_key}.penalty"]]
             for rule, value in zip(self.rules, penalties):
                 snapshot.put("activity_penalty", value, rule.name)
             snapshot.put("activity_penalty", math.fsum(penalties))
-        for (name, _, _), sum_sq, count in zip(self._targets, values["sum_sq"], elements):
+        for (name, _, _), sum_sq, count in zip(self._targets, values[f"{self._read_key}.sum_sq"], elements):
             if count:
                 snapshot.put("activity_rms", math.sqrt(sum_sq / count), name)
-        self._reset_window()
-        log_scalars(trainer, snapshot)
-        for listener in self._listeners:
-            listener(trainer, pl_module, snapshot)
-        return snapshot
+        self.last_snapshot = snapshot
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    @property
+    def _read_key(self) -> str:
+        # unique across the sources of one read (two regularizers in one Trainer)
+        return f"ActivityRegularizer@{id(self):x}"
+
+    def histograms(self) -> dict[str, Tensor]:
+        return {}
 
     def _stop_batch(self) -> None:
         self._active = False
         self._pending = [None] * len(self.rules)
-
-    def _reset_window(self) -> None:
-        if self._penalty_sums is not None:
-            self._penalty_sums.zero_()
-            self._sq_sums.zero_()
-        self._elements = [0] * len(self._targets)
-        self._batches = 0
 
     def _uninstall(self) -> None:
         for handle in self._handles:
@@ -328,3 +326,4 @@ class ActivityRegularizer(Callback):
         self._active = False
         self._pending = [None] * len(self.rules)
         self._targets = []  # do not pin the model
+        self.state.release()

@@ -1,0 +1,413 @@
+"""``EarlyAlerts``: the Lightning face of the alert engine — the loss, the fit-start checks, actions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.optim import Optimizer
+
+from lightning_watch.alerts.agreement import ActionAgreement, ActionFlags, remote_alert
+from lightning_watch.alerts.alert import Alert, AlertError
+from lightning_watch.alerts.checks import (
+    ForwardRecorder,
+    LabelRunCheck,
+    check_batch_mixing,
+    check_batch_norm,
+    check_sampler,
+    check_seed,
+)
+from lightning_watch.alerts.config import AlertConfig
+from lightning_watch.alerts.engine import AlertEngine, Finding
+from lightning_watch.alerts.loss import LossWindow, NonFiniteGuard, extract_loss
+from lightning_watch.alerts.rules import Rule
+from lightning_watch.alerts.sinks import AlertSinks
+from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
+from lightning_watch.capture import is_compiled
+from lightning_watch.hub import StatHub, StatSource
+from lightning_watch.monitors import WatchMonitor
+from lightning_watch.monitors.bundle import FAMILIES, MonitorBundle
+from lightning_watch.snapshot import Snapshot
+from lightning_watch.tensorboard import add_layout
+from lightning_watch.warn import WatchWarning
+
+log = logging.getLogger("lightning_watch.alerts")
+
+
+class EarlyAlerts(Callback):
+    """Tells you, early and in plain words, that training is sick, and what to try.
+
+    Rules run on the statistics snapshot of each logging step (no host sync of their own); a
+    cheap guard watches the loss every step for NaN/Inf; one-time checks run at the start of
+    fit (data order, batch mixing, BatchNorm batch size, seeding). Each alert is raised once per
+    code and module, and again only if it gets worse (higher severity, or evidence ten times
+    further past its threshold) or comes back after clearing (absent for two evaluations).
+
+    ``Watch()`` includes an ``EarlyAlerts`` by default (``Watch(alerts=EarlyAlerts(...))`` to
+    configure it). Used alone, ``EarlyAlerts`` measures what its rules need with monitors of its
+    own (which then also write the ``watch/*`` scalars), except the families a standalone monitor
+    or a ``Watch`` in the Trainer's callbacks already measures: every callback of this package
+    publishes through its Trainer's one :class:`~lightning_watch.hub.StatHub`, so the rules see
+    those values too, and every point is written once.
+
+    Under DDP, ``"stop"`` and ``"raise"`` cost no collective of their own: a decision every rank
+    takes from the reduced statistics is acted on at once; a rank-local finding (fit-start checks,
+    the per-step loss guard, user rules) travels in the next logging step's one read, where every
+    rank learns it and acts on the same step. A ``"raise"`` found after the last read is agreed
+    when fit ends (one collective per fit, only when some code may raise).
+
+    Args:
+        actions: ``code -> "warn" | "stop" | "raise"``. ``"stop"`` sets ``trainer.should_stop``
+            (every rank stops on the same step under DDP); ``"raise"`` raises
+            :class:`~lightning_watch.alerts.AlertError` carrying the alert (on every rank under
+            DDP; ranks that did not find it carry a ``remote_alert``).
+        settings: ``code -> {name: value}`` overriding :data:`~lightning_watch.alerts.rules.DEFAULTS`
+            (``threshold``, ``patience``, ...), or ``code -> False`` to switch a code off.
+        rules: extra user rules, ``rule(snapshot, context) -> iterable of Alert`` (see
+            :mod:`lightning_watch.alerts.rules`); a ``codes`` attribute on a rule declares its codes.
+        default_action: action for codes not in ``actions``.
+        label_batches: number of first batches inspected for single-label runs.
+        history: number of past snapshots kept for the rules.
+        log_every_n_steps: cadence of the loss window and of the monitors built here when used
+            alone (``None``: the Trainer's, at least 10).
+
+    Raises:
+        ValueError: for an unknown code, action or setting name, a negative threshold, or a
+            patience that is not a positive integer.
+
+    Logged Metrics:
+        - ``watch/global/loss``, ``watch/global/loss_min``, ``watch/global/loss_max``,
+          ``watch/global/loss_nonfinite``: the training loss over each logging window.
+        - TensorBoard text ``alerts/<code>``: one entry per raised alert.
+        - ``alerts.jsonl`` in the trainer's log directory: one JSON object per raised alert.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> alerts = EarlyAlerts(actions={"non_finite_loss": "stop"}, settings={"dead_units": {"threshold": 0.9}})
+        >>> trainer = Trainer(callbacks=[alerts], logger=False)
+        >>> EarlyAlerts(actions={"dead_unit": "stop"})
+        Traceback (most recent call last):
+        ...
+        ValueError: `actions` key must be an alert code, got 'dead_unit'. Valid codes: non_finite_loss, ...
+    """
+
+    def __init__(
+        self,
+        actions: Mapping[str, str] | None = None,
+        settings: Mapping[str, Mapping[str, float] | bool] | None = None,
+        rules: Sequence[Rule] = (),
+        default_action: str = "warn",
+        label_batches: int = 4,
+        history: int = 64,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        self.config = AlertConfig.from_args(actions, settings, rules, default_action, label_batches, history)
+        self._log_every_n_steps = check_interval("log_every_n_steps", log_every_n_steps)
+        self._sample_every_n_steps: int | None = None
+        self.loss = LossWindow()
+        self.engine = AlertEngine(self.config, initial_loss=self.loss.current_initial_loss)
+        self.stop_alert: Alert | None = None
+        self._agreement = ActionAgreement()
+        self._flags: ActionFlags | None = None
+        self._agreeing = False  # this fit runs under DDP with a "stop"/"raise" action
+        self._bundled = False  # True when a Watch drives this engine
+        self._own = MonitorBundle([])  # used alone: the monitors built here
+        self._pending_state: dict[str, Any] | None = None  # a checkpoint, applied at fit start
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self.stop_alert = None
+        self._checked = False
+        self._recorder: ForwardRecorder | None = None
+        self._labels = LabelRunCheck(self.config.label_batches)
+        self._guard = NonFiniteGuard()
+        self._agreement.clear()
+        self._sinks = AlertSinks()
+
+    # ------------------------------------------------------------------ public face
+    @property
+    def alerts(self) -> list[Alert]:
+        """The alerts raised in this fit, in order."""
+        return self.engine.alerts
+
+    @property
+    def actions(self) -> dict[str, str]:
+        return self.config.actions
+
+    @property
+    def settings(self) -> dict[str, dict[str, Any]]:
+        return self.config.settings
+
+    @property
+    def disabled(self) -> set[str]:
+        return self.config.disabled
+
+    @property
+    def state_key(self) -> str:
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._state_key = self._generate_state_key(
+                actions=self.config.actions, disabled=sorted(self.config.disabled)
+            )
+        return key
+
+    def bind(self, log_every_n_steps: int | None, sample_every_n_steps: int | None) -> None:
+        """Called by a ``Watch`` that drives this engine: its cadence arguments apply to the loss window."""
+        if self._bundled:
+            raise ValueError("`alerts` must be an EarlyAlerts not already used by another Watch.")
+        self._bundled = True
+        self._log_every_n_steps = log_every_n_steps
+        self._sample_every_n_steps = sample_every_n_steps
+
+    # ------------------------------------------------------------------ engine steps (Watch drives them)
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start a new fit (``setup``)."""
+        self._fresh()
+        self.engine.reset()
+        self._cadence = Cadence.resolve(trainer, self._log_every_n_steps, self._sample_every_n_steps)
+        self._agreeing = trainer.world_size > 1 and self.config.may_stop_or_raise
+
+    def sources(self) -> list[StatSource]:
+        """What the hub reads for this engine: the loss window (and the DDP action flags)."""
+        return [self.loss] + ([self._flags] if self._flags is not None else [])
+
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The model is on its device (``on_fit_start``)."""
+        self._sinks.start(trainer)
+        pending, self._pending_state = self._pending_state, None
+        if pending:
+            self._load(pending)  # before the loss window allocates: it applies its part then
+        self.loss.start(self._cadence, pl_module.device)
+        self._flags = ActionFlags(self._agreement, pl_module.device) if self._agreeing else None
+
+    def train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        at = _now(trainer)
+        ctx = self.engine.context()
+        found = []
+        if self.config.enabled("unshuffled_data"):
+            found += check_sampler(ctx, at, trainer.train_dataloader)
+        if self.config.enabled("unseeded_run"):
+            found += check_seed(ctx, at, accelerated=pl_module.device.type != "cpu")
+        self._handle(trainer, self.engine.record(found))
+
+    def begin_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        if not self._labels.done and self.config.enabled("unshuffled_data"):
+            self._labels.observe(batch)
+            if self._labels.done:
+                self._handle(trainer, self.engine.record(self._labels.result(self.engine.context(), _now(trainer))))
+        if self._checked:
+            return
+        self._checked = True
+        if is_compiled(pl_module):
+            return  # an extra eval-mode forward and new hooks would make torch.compile recompile
+        if self.config.enabled("batch_mixing"):
+            found = check_batch_mixing(self.engine.context(), _now(trainer), pl_module, batch)
+            self._handle(trainer, self.engine.record(found))
+        # the real first training forward tells the module order and what BatchNorm layers see
+        self._recorder = ForwardRecorder(pl_module)
+
+    def end_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+            self.engine.forward_order = self._recorder.order
+            if self.config.enabled("small_batch_norm"):
+                found = check_batch_norm(
+                    self.engine.context(), _now(trainer), self._recorder.batch_norm, trainer.world_size
+                )
+                self._handle(trainer, self.engine.record(found))
+            self._recorder = None
+        loss = extract_loss(outputs, trainer, pl_module)
+        if loss is None:
+            return
+        self.loss.add(loss)
+        if self._guard.push(loss) and self.config.enabled("non_finite_loss"):
+            alert = self.engine.context().alert(
+                "non_finite_loss",
+                _now(trainer),
+                None,
+                1.0,
+                self.config.settings["non_finite_loss"]["threshold"],
+                "The training loss became NaN or infinite.",
+                "Lower the learning rate, enable gradient clipping (`Trainer(gradient_clip_val=1.0)`), and look for "
+                "log/division of zero or an overflow in the loss.",
+                severity="error",
+            )
+            self._handle(trainer, self.engine.record([alert]))
+
+    def on_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: Snapshot) -> None:
+        """A publication of the hub: judge it, then act on what this read agreed."""
+        self._handle(trainer, self.engine.evaluate(snapshot))
+        for action, alert in self._agreement.take_agreed():
+            self._act(
+                trainer,
+                action,
+                alert or remote_alert(logging_step(trainer), trainer.current_epoch, trainer.global_rank),
+            )
+
+    def stop(self, trainer: pl.Trainer) -> None:
+        """End of fit: remove what is on the model; agree a late "raise" (``teardown``)."""
+        self.abort()
+        pending = self._agreement.take_unsent()
+        if not (self._agreeing and self.config.may_raise):
+            return  # a pending "stop" needs nothing: the fit is over on every rank
+        if trainer.strategy.reduce_boolean_decision("raise" in pending, all=False):
+            remote = remote_alert(logging_step(trainer), trainer.current_epoch, trainer.global_rank)
+            self._act(trainer, "raise", pending.get("raise") or remote)
+
+    def abort(self) -> None:
+        """Remove everything this engine put on the model (also after an exception)."""
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+        self._guard.clear()
+        self.loss.stop()
+
+    # ------------------------------------------------------------------ decisions
+    def _handle(self, trainer: pl.Trainer, findings: Sequence[Finding]) -> None:
+        for finding in findings:
+            self._sinks.emit(trainer, finding.alert)
+            if finding.action == "warn":
+                continue
+            if not finding.shared and trainer.world_size > 1:
+                # a rank-local finding acts when the next read has told every rank: acting alone
+                # would stop or fail one rank while the others wait
+                self._agreement.defer(finding.action, finding.alert)
+                continue
+            self._act(trainer, finding.action, finding.alert)
+
+    def _act(self, trainer: pl.Trainer, action: str, alert: Alert) -> None:
+        if action == "raise":
+            raise AlertError(alert)
+        if self.stop_alert is None:
+            self.stop_alert = alert
+            log.warning("Stopping training because of %s.", alert.code)
+        trainer.should_stop = True
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            **self.engine.state_dict(),
+            "labels_done": self._labels.done,
+            "loss": self.loss.state_dict(),
+        }
+        if not self._bundled:
+            state["monitors"] = {type(m).__name__: m.state_dict() for m in self._own.monitors}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # applied at fit start (Lightning restores callbacks after `setup`, which starts a fresh fit)
+        self._pending_state = dict(state_dict) if state_dict else None
+        for monitor in self._own.monitors:
+            saved = (state_dict or {}).get("monitors", {}).get(type(monitor).__name__)
+            if saved:
+                monitor.load_state_dict(saved)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)
+        if state.get("loss"):
+            self.loss.load_state_dict(state["loss"])
+        if state.get("labels_done"):
+            self._labels.seen = self._labels.batches
+
+    # ------------------------------------------------------------------ Lightning hooks (used alone)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._bundled:
+            raise ValueError(
+                "`EarlyAlerts` must be passed either to `Watch(alerts=...)` or to the Trainer's callbacks, not both."
+            )
+        if stage != "fit":
+            return
+        present = _families_measured_by_others(trainer, self)
+        self._own = MonitorBundle(
+            [cls(log_every_n_steps=self._log_every_n_steps) for cls in FAMILIES.values() if cls not in present]
+        )
+        self._own.prepare(trainer, pl_module)
+        self.prepare(trainer, pl_module)
+        hub = StatHub.for_trainer(trainer)
+        hub.listen(self.on_snapshot)
+        self._hub = hub
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._bundled:
+            return
+        self._own.start(trainer, pl_module)
+        self.start(trainer, pl_module)
+        self._hub.join(self, [*self._own.monitors, *self.sources()])
+        per_module, global_ = self._own.metrics()
+        add_layout(trainer, per_module, [*global_, *LossWindow.GLOBAL_METRICS])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._bundled:
+            self.train_start(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._bundled:
+            return
+        self.begin_batch(trainer, pl_module, batch)  # first: its one-time checks run before any hook is armed
+        self._own.begin_batch(logging_step(trainer))
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if not self._bundled:
+            self._own.before_optimizer_step(trainer, pl_module, optimizer, logging_step(trainer))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._bundled:
+            return
+        self.end_batch(trainer, pl_module, outputs)
+        stepped = steps_optimizer(trainer)
+        self._own.end_batch(trainer, pl_module, stepped, logging_step(trainer))
+        if stepped:
+            self._hub.batch_end(self, trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._bundled:
+            return
+        self._leave(trainer)
+        self.stop(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no `teardown` after an exception: without this the monitors' hooks
+        # (forward hooks, optimizer step hooks) would stay on the user's model and optimizer
+        if self._bundled:
+            return
+        self._leave(trainer)
+        self.abort()
+        self._agreement.clear()
+
+    def _leave(self, trainer: pl.Trainer) -> None:
+        self._own.stop()
+        hub = StatHub.for_trainer(trainer)
+        hub.unlisten(self.on_snapshot)
+        hub.leave(self)
+
+
+def _families_measured_by_others(trainer: pl.Trainer, me: EarlyAlerts) -> set[type[WatchMonitor]]:
+    """Monitor families that another callback of the Trainer measures (a standalone monitor, a Watch)."""
+    present: set[type[WatchMonitor]] = set()
+    for callback in trainer.callbacks:
+        monitors = [callback] if isinstance(callback, WatchMonitor) else list(getattr(callback, "monitors", ()))
+        for monitor in monitors:
+            present.update(cls for cls in FAMILIES.values() if isinstance(monitor, cls))
+        other = getattr(callback, "early_alerts", None)
+        if other is not None and other is not me:
+            rank_zero_warn(
+                f"EarlyAlerts is in the Trainer's callbacks next to a {type(callback).__name__} that has alerts of its "
+                "own: every alert would be raised twice. Configure that one instead "
+                "(`Watch(alerts=EarlyAlerts(...))`), or pass `Watch(alerts=False)`.",
+                category=WatchWarning,
+            )
+    return present
+
+
+def _now(trainer: pl.Trainer) -> Snapshot:
+    return Snapshot(step=logging_step(trainer), epoch=trainer.current_epoch)
