@@ -99,6 +99,7 @@ class StatHub:
         self._members: dict[Any, list[StatSource]] = {}
         self._listeners: list[SnapshotListener] = []
         self._reported: set[int] = set()  # ids of members that ended the current batch
+        self._intervals: set[tuple[int, int | None]] | None = None  # (log, histogram) of the sources
         self.last_snapshot: Snapshot | None = None
 
     @classmethod
@@ -116,11 +117,13 @@ class StatHub:
     def join(self, member: Any, sources: Sequence[StatSource]) -> None:
         """Add ``member`` (a callback) and the sources it measures; joining again replaces them."""
         self._members[member] = list(sources)
+        self._intervals = None
 
     def leave(self, member: Any) -> None:
         """Remove ``member``; the hub of a Trainer is forgotten with its last member."""
         self._members.pop(member, None)
         self._reported.discard(id(member))
+        self._intervals = None
         if not self._members:
             self._listeners.clear()
             trainer = self._trainer_ref()
@@ -154,7 +157,10 @@ class StatHub:
         return self.publish_due(trainer, pl_module)
 
     def publish_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot | None:
+        """Histograms and the one read of the sources due at this step, if any."""
         step = logging_step(trainer)
+        if not self._anything_due(step):
+            return None  # the fast path: most steps end here, after one modulo per distinct interval
         sources = self.sources()
         histograms: dict[str, Tensor] = {}
         for source in sources:
@@ -166,6 +172,13 @@ class StatHub:
             return None
         due += [s for s in sources if getattr(s, "rides_along", False) and s not in due]
         return self.publish(trainer, pl_module, due)
+
+    def _anything_due(self, step: int) -> bool:
+        if self._intervals is None:
+            cadences = [s.cadence for s in self.sources() if s.cadence is not None]
+            self._intervals = {(c.log, c.histogram) for c in cadences}
+        n = step + 1
+        return any(n % log == 0 or (hist is not None and n % hist == 0) for log, hist in self._intervals)
 
     def publish(
         self,

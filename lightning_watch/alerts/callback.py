@@ -223,8 +223,10 @@ class EarlyAlerts(Callback):
         loss = extract_loss(outputs, trainer, pl_module)
         if loss is None:
             return
-        self.loss.add(loss)
-        if self._guard.push(loss) and self.config.enabled("non_finite_loss"):
+        nonfinite = self.loss.add(loss)  # known at once for a CPU loss
+        if nonfinite is None:
+            nonfinite = self._guard.push(loss)
+        if nonfinite and self.config.enabled("non_finite_loss"):
             alert = self.engine.context().alert(
                 "non_finite_loss",
                 _now(trainer),

@@ -68,36 +68,64 @@ class LossWindow:
         self.initial_loss = math.nan
         self._initial_seen = 0
         self._provisional = math.nan
-        self._device = torch.device("cpu")
+        self._on_host = True
+        self._pending_initial: list[float] | None = None
         self.state = StateRegistry()
-        # folded window: finite sum, finite count, non-finite count; then min and max of finite losses
-        self.state.declare("sums", (3,), reduce="sum")
-        self.state.declare("low", (), reduce="min")
-        self.state.declare("high", (), reduce="max")
 
     def start(self, cadence: Cadence, device: torch.device) -> None:
-        """Allocate on ``device`` (fit start); a window restored from a checkpoint is applied here."""
+        """Allocate for losses on ``device`` (fit start); a window restored from a checkpoint is applied here.
+
+        Losses on the CPU are read as Python floats (reading a CPU tensor waits for no device)
+        and kept on the host: no kernel per step. Losses on an accelerator are copied into a
+        device ring (one small kernel per step, no sync), folded into device sums when the ring
+        is full and when the window is read.
+        """
         self.cadence = cadence
-        self._device = device
+        self._on_host = device.type == "cpu"
+        state = self.state
+        state.clear()
+        # finite sum, finite count, non-finite count; then min and max of the finite losses
+        state.declare("sums", (3,), reduce="sum", host=self._on_host)
+        state.declare("low", (1,), reduce="min", host=self._on_host)
+        state.declare("high", (1,), reduce="max", host=self._on_host)
+        state.allocate(device)
         dtype = accumulator_dtype(device)
-        self.state.allocate(device)
-        # Every step only copies its loss into a ring (one kernel, no sync); the ring is folded
-        # into the sums when it is full and when the window is read.
+        pending, self._pending_initial = self._pending_initial or [], None
+        if self._on_host:
+            self._initial: list[float] | Tensor = list(pending)
+            return
         self._ring = torch.zeros(RING, dtype=dtype, device=device)
         self._filled = 0
-        initial = torch.zeros(INITIAL_STEPS, dtype=dtype, device=device)
-        pending, self._pending_initial = getattr(self, "_pending_initial", None), None
+        self._initial = torch.zeros(INITIAL_STEPS, dtype=dtype, device=device)
         if pending:
-            initial[: len(pending)].copy_(torch.tensor(pending, dtype=dtype))
-        self._initial = initial
+            self._initial[: len(pending)].copy_(torch.tensor(pending, dtype=dtype))
 
     def stop(self) -> None:
         self.cadence = None
 
-    def add(self, loss: Tensor) -> None:
-        """Record one batch's loss on its device: one copy kernel, no host sync."""
+    def add(self, loss: Tensor) -> bool | None:
+        """Record one batch's loss; returns whether it is non-finite when that is known without a sync.
+
+        CPU: a float read, no kernel (returns ``True``/``False``). Accelerators: one copy kernel,
+        no host sync (returns ``None``: :class:`NonFiniteGuard` tells later).
+        """
         if not self.state.allocated:
-            return  # not started (a loss outside fit)
+            return None  # not started (a loss outside fit)
+        if self._on_host:
+            value = float(loss)
+            finite = math.isfinite(value)
+            sums = self.state["sums"]
+            if finite:
+                sums[0] += value
+                sums[1] += 1
+                self.state["low"][0] = min(self.state["low"][0], value)
+                self.state["high"][0] = max(self.state["high"][0], value)
+            else:
+                sums[2] += 1
+            if self._initial_seen < INITIAL_STEPS:
+                self._initial.append(value)
+                self._initial_seen += 1
+            return not finite
         self._ring[self._filled].copy_(loss)
         self._filled += 1
         if self._initial_seen < INITIAL_STEPS:
@@ -105,9 +133,10 @@ class LossWindow:
             self._initial_seen += 1
         if self._filled == RING:
             self._fold()
+        return None
 
     def _fold(self) -> None:
-        if not self._filled:
+        if self._on_host or not self._filled:
             return
         losses = self._ring[: self._filled]
         finite = torch.isfinite(losses)
@@ -118,17 +147,21 @@ class LossWindow:
         torch.maximum(high, torch.where(finite, losses, -math.inf).amax(), out=high)
         self._filled = 0
 
+    def _initial_sums(self) -> Tensor:
+        if self._on_host:
+            finite = [v for v in self._initial[: self._initial_seen] if math.isfinite(v)]
+            return torch.tensor([math.fsum(finite), len(finite)], dtype=torch.float64)
+        first = self._initial[: self._initial_seen]
+        finite = torch.isfinite(first)
+        return torch.stack([torch.where(finite, first, 0.0).sum(), finite.sum(dtype=first.dtype)])
+
     # ------------------------------------------------------------------ StatSource
     def collect(self) -> StatBlock:
         if not self.state.allocated:
             return StatBlock()
         self._fold()
         block = self.state.block(self.KEY)
-        first = self._initial[: self._initial_seen]
-        finite = torch.isfinite(first)
-        block.add_sum(
-            f"{self.KEY}.initial", torch.stack([torch.where(finite, first, 0.0).sum(), finite.sum(dtype=first.dtype)])
-        )
+        block.add_sum(f"{self.KEY}.initial", self._initial_sums())
         return block
 
     def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
@@ -141,8 +174,8 @@ class LossWindow:
         snapshot.put("loss_nonfinite", nonfinite)
         if count:
             snapshot.put("loss", total / count)
-            snapshot.put("loss_min", values[f"{self.KEY}.low"])
-            snapshot.put("loss_max", values[f"{self.KEY}.high"])
+            snapshot.put("loss_min", values[f"{self.KEY}.low"][0])
+            snapshot.put("loss_max", values[f"{self.KEY}.high"][0])
         if initial_count and not math.isfinite(self.initial_loss):
             if self._initial_seen >= INITIAL_STEPS:
                 self.initial_loss = initial_sum / initial_count
@@ -166,7 +199,11 @@ class LossWindow:
         if self.state.allocated:
             # checkpoint saving is not a hot path: one host copy of the open window
             self._fold()
-            state["window"] = {**self.state.state_dict(), "initial": self._initial[: self._initial_seen].tolist()}
+            initial = self._initial[: self._initial_seen]
+            state["window"] = {
+                **self.state.state_dict(),
+                "initial": list(initial) if self._on_host else initial.tolist(),
+            }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ class MonitorBundle:
     def __init__(self, monitors: Sequence[WatchMonitor]) -> None:
         self.monitors = list(monitors)
         self._busy: list[WatchMonitor] = []
+        self._sample_intervals: set[int] = set()  # distinct sampling intervals (sampling includes logging)
 
     def families(self) -> set[type[WatchMonitor]]:
         return {type(m) for m in self.monitors}
@@ -51,6 +52,10 @@ class MonitorBundle:
         for monitor in self.monitors:
             monitor.start(trainer, pl_module)
         self._busy = []
+        self._sample_intervals = {m.cadence.sample for m in self.monitors if m.cadence is not None}
+        # every interval that makes a monitor work divides into one of these only if it is one of them
+        self._sample_intervals |= {m.cadence.log for m in self.monitors if m.cadence is not None}
+        self._sample_intervals |= {m.cadence.histogram for m in self.monitors if m.cadence and m.cadence.histogram}
 
     def stop(self) -> None:
         for monitor in self.monitors:
@@ -59,6 +64,10 @@ class MonitorBundle:
 
     def begin_batch(self, step: int) -> bool:
         """Arm what is due at ``step``; returns whether any monitor works on this batch."""
+        n = step + 1
+        if not any(n % interval == 0 for interval in self._sample_intervals):
+            self._busy = []
+            return False  # the fast path: nothing due, no per-monitor dispatch
         self._busy = [m for m in self.monitors if m.cadence is not None and m.cadence.is_sample_step(step)]
         for monitor in self._busy:
             monitor.begin_batch(step)
