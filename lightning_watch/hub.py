@@ -101,6 +101,7 @@ class StatHub:
         self._reported: set[int] = set()  # ids of members that ended the current batch
         self._intervals: set[tuple[int, int | None]] | None = None  # (log, histogram) of the sources
         self.last_snapshot: Snapshot | None = None
+        self._flushed_at: int | None = None
 
     @classmethod
     def for_trainer(cls, trainer: pl.Trainer) -> StatHub:
@@ -172,6 +173,36 @@ class StatHub:
             return None
         due += [s for s in sources if getattr(s, "rides_along", False) and s not in due]
         return self.publish(trainer, pl_module, due)
+
+    def flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot | None:
+        """The end of fit: read what the last, unfinished window holds, and mark it ``final``.
+
+        A fit shorter than one logging interval (everyone's first smoke test) is then judged and
+        reported too, and rules that look at the end of training (``still_improving``) run. Every
+        member calls it from ``on_train_end``; the first call reads (on every rank alike), the
+        others find nothing left. When the last step was a logging step, its snapshot is re-judged
+        as the final one without a new read.
+        """
+        step = logging_step(trainer) - 1  # the last batch that stepped
+        if self._flushed_at == step or step < 0:
+            return None
+        self._flushed_at = step
+        sources = [s for s in self.sources() if s.cadence is not None]
+        last = self.last_snapshot
+        if last is not None and last.step == step:
+            snapshot = Snapshot(last.step, last.epoch, last.per_module, last.global_, final=True)
+        elif sources:
+            # not reset: a checkpoint saved after fit still holds the open window, and a resumed fit
+            # continues it (its next logging step covers the whole window)
+            at = Snapshot(step=step, epoch=trainer.current_epoch, final=True)
+            snapshot = read(trainer, sources, at, reset=False)
+            log_scalars(trainer, snapshot)
+        else:
+            return None
+        self.last_snapshot = snapshot
+        for listener in list(self._listeners):
+            listener(trainer, pl_module, snapshot)
+        return snapshot
 
     def _anything_due(self, step: int) -> bool:
         if self._intervals is None:

@@ -28,6 +28,7 @@ class Snapshot:
         epoch: current epoch.
         per_module: ``metric -> {module name -> value}``, modules in registration order.
         global_: ``metric -> value`` for whole-model quantities.
+        final: true for the read at the end of fit (a partial window).
 
     Example:
         >>> snap = Snapshot(step=49, epoch=0)
@@ -41,6 +42,8 @@ class Snapshot:
     epoch: int
     per_module: dict[str, dict[str, float]] = field(default_factory=dict)
     global_: dict[str, float] = field(default_factory=dict)
+    #: the read at the end of fit: the last window, possibly shorter than the logging interval
+    final: bool = False
 
     def put(self, metric: str, value: float, module: str | None = None) -> None:
         if module is None:

@@ -184,6 +184,7 @@ class Watch(Callback):
             self.early_alerts.train_start(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        StatHub.for_trainer(trainer).flush(trainer, pl_module)  # a fit that ends inside a window is judged too
         self.views.on_train_end(trainer, pl_module, self.alerts)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -223,8 +224,14 @@ class Watch(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        if self.early_alerts is not None:
+            self.early_alerts.before_optimizer_step(trainer, pl_module, optimizer)
         if self._busy:
             self._bundle.before_optimizer_step(trainer, pl_module, optimizer, logging_step(trainer))
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if self.early_alerts is not None:
+            self.early_alerts.before_backward(trainer, pl_module, loss)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -75,7 +75,7 @@ def test_validate_test_predict_around_two_fits_of_one_trainer(tmp_path):
     quiet(trainer.fit, model, loader, loader)
     assert counter.most == 3 and leftovers(model, trainer) == 0  # hooks existed, and are gone
     first = watch.last_snapshot
-    assert first is not None and first.step == 1
+    assert first is not None and first.step == 2 and first.final  # logged at 1, then the final window at 2
     quiet(trainer.test, model, loader)
     quiet(trainer.predict, model, loader)
     assert leftovers(model, trainer) == 0

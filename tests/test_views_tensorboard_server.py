@@ -39,6 +39,8 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("tb_server")
     torch.manual_seed(0)
     watch = Watch(report=False)  # alerts on: the unshuffled loader is flagged as TensorBoard text
+    published = []
+    watch.add_listener(lambda trainer, module, snapshot: published.append(snapshot))
     trainer = make_trainer(root, [watch], max_steps=12, max_epochs=None)
     trainer.fit(TinyRegressor(), regression_loader())
     run = trainer.log_dir[len(str(root)) + 1 :]
@@ -63,7 +65,7 @@ def server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"tensorboard did not serve run {run!r} within {DEADLINE_S} s")
             time.sleep(0.5)
-        yield base, run, watch
+        yield base, run, watch, published
     finally:
         proc.terminate()
         try:
@@ -74,25 +76,26 @@ def server(tmp_path_factory):
 
 
 def test_scalar_tags_and_values_served(server):
-    base, run, watch = server
+    base, run, watch, published = server
     tags = json.loads(_get(base, "/data/plugin/scalars/tags"))[run]
-    expected = set(watch.last_snapshot.scalars())
+    expected = {tag for snapshot in published for tag in snapshot.scalars()}
     assert expected <= set(tags)
     points = json.loads(_get(base, "/data/plugin/scalars/scalars", run=run, tag="watch/grad_norm/net.0"))
     last_step, last_value = points[-1][1], points[-1][2]  # [wall_time, step, value]
-    assert last_step == watch.last_snapshot.step
-    assert last_value == pytest.approx(watch.last_snapshot.get("grad_norm", "net.0"), rel=1e-6)
+    measured = [s for s in published if s.modules("grad_norm")]  # gradients are measured on logging steps
+    assert last_step == measured[-1].step == 9 and published[-1].final and published[-1].step == 11
+    assert last_value == pytest.approx(measured[-1].get("grad_norm", "net.0"), rel=1e-6)
 
 
 def test_custom_scalars_layout_served(server):
-    base, _, _ = server
+    base, _, _, _ = server
     layout = json.loads(_get(base, "/data/plugin/custom_scalars/layout"))
     titles = {chart["title"] for category in layout["category"] for chart in category["chart"]}
     assert {"grad_norm", "update_ratio", "dead_frac"} <= titles
 
 
 def test_report_and_alert_text_served(server):
-    base, run, watch = server
+    base, run, watch, _ = server
     tags = json.loads(_get(base, "/data/plugin/text/tags"))[run]
     report_tag = f"{REPORT_TAG}/text_summary"  # SummaryWriter.add_text's naming
     assert report_tag in tags and "alerts/unshuffled_data/text_summary" in tags
@@ -103,7 +106,7 @@ def test_report_and_alert_text_served(server):
 
 
 def test_images_served_as_png(server):
-    base, run, _ = server
+    base, run, _, _ = server
     tags = json.loads(_get(base, "/data/plugin/images/tags"))[run]
     assert set(IMAGE_TAGS.values()) <= set(tags)
     listing = json.loads(_get(base, "/data/plugin/images/images", run=run, tag=IMAGE_TAGS["grad_flow"]))

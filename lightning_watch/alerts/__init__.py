@@ -17,7 +17,8 @@ from lightning_watch.alerts.callback import EarlyAlerts
 from lightning_watch.alerts.config import ACTIONS, AlertConfig
 from lightning_watch.alerts.engine import AlertEngine, Finding
 from lightning_watch.alerts.ledger import AlertLedger
-from lightning_watch.alerts.rules import BUILTIN_RULES, DEFAULTS, Rule, RuleContext
+from lightning_watch.alerts.registry import BUILTIN_RULES, DEFAULTS
+from lightning_watch.alerts.rules import Rule, RuleContext
 from lightning_watch.alerts.sinks import JSONL_NAME, AlertWarning
 
 __all__ = [

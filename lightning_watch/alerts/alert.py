@@ -28,6 +28,17 @@ class AlertCode(str, Enum):
     BATCH_MIXING = "batch_mixing"
     SMALL_BATCH_NORM = "small_batch_norm"
     UNSEEDED_RUN = "unseeded_run"
+    # detectors (lightning_watch/alerts/detectors.py) and their fit-time checks
+    GRADIENTS_NOT_ZEROED = "gradients_not_zeroed"
+    DISCONNECTED_PARAMETERS = "disconnected_parameters"
+    UNNORMALIZED_INPUTS = "unnormalized_inputs"
+    NOISY_TRAINING = "noisy_training"
+    CHANCE_LEVEL_LOSS = "chance_level_loss"
+    RECTIFIED_OUTPUTS = "rectified_outputs"
+    SYMMETRIC_UNITS = "symmetric_units"
+    STILL_IMPROVING = "still_improving"
+    FROZEN_PARAMETERS = "frozen_parameters"
+    FRAMEWORK_WARNING = "framework_warning"
 
 
 #: every built-in code, as plain strings

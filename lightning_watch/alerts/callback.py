@@ -23,7 +23,10 @@ from lightning_watch.alerts.checks import (
 )
 from lightning_watch.alerts.config import AlertConfig
 from lightning_watch.alerts.engine import AlertEngine, Finding
+from lightning_watch.alerts.framework_warnings import FrameworkWarnings
+from lightning_watch.alerts.frozen import check_frozen
 from lightning_watch.alerts.loss import LossWindow, NonFiniteGuard, extract_loss
+from lightning_watch.alerts.probes import GradientHygiene, InputProbe, OutputProbe, UnitSymmetry
 from lightning_watch.alerts.rules import Rule
 from lightning_watch.alerts.sinks import AlertSinks
 from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
@@ -109,6 +112,9 @@ class EarlyAlerts(Callback):
         self._log_every_n_steps = check_interval("log_every_n_steps", log_every_n_steps)
         self._sample_every_n_steps: int | None = None
         self.loss = LossWindow()
+        # what the detectors read besides the monitors' statistics (lightning_watch/alerts/probes.py)
+        self.inputs, self.outputs = InputProbe(), OutputProbe()
+        self.hygiene, self.symmetry = GradientHygiene(), UnitSymmetry()
         self.engine = AlertEngine(self.config, initial_loss=self.loss.current_initial_loss)
         self.stop_alert: Alert | None = None
         self._agreement = ActionAgreement()
@@ -127,6 +133,9 @@ class EarlyAlerts(Callback):
         self._guard = NonFiniteGuard()
         self._agreement.clear()
         self._sinks = AlertSinks()
+        self._warnings = FrameworkWarnings()
+        self._backward_losses: list = []  # this batch's losses as Lightning backpropagates them
+        self._sampled = self._logging = False
 
     # ------------------------------------------------------------------ public face
     @property
@@ -172,8 +181,9 @@ class EarlyAlerts(Callback):
         self._agreeing = trainer.world_size > 1 and self.config.may_stop_or_raise
 
     def sources(self) -> list[StatSource]:
-        """What the hub reads for this engine: the loss window (and the DDP action flags)."""
-        return [self.loss] + ([self._flags] if self._flags is not None else [])
+        """What the hub reads for this engine: the loss window, the probes (and the DDP action flags)."""
+        flags = [self._flags] if self._flags is not None else []
+        return [self.loss, self.inputs, self.outputs, self.hygiene, self.symmetry, *flags]
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The model is on its device (``on_fit_start``)."""
@@ -181,8 +191,13 @@ class EarlyAlerts(Callback):
         pending, self._pending_state = self._pending_state, None
         if pending:
             self._load(pending)  # before the loss window allocates: it applies its part then
-        self.loss.start(self._cadence, pl_module.device)
-        self._flags = ActionFlags(self._agreement, pl_module.device) if self._agreeing else None
+        device = pl_module.device
+        self.loss.start(self._cadence, device)
+        self.inputs.start(self._cadence, device)
+        self.outputs.start(self._cadence, device)
+        self.hygiene.start(self._cadence, device, pl_module, trainer.optimizers)
+        self.symmetry.start(self._cadence, device, pl_module)
+        self._flags = ActionFlags(self._agreement, device) if self._agreeing else None
 
     def train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         at = _now(trainer)
@@ -192,9 +207,21 @@ class EarlyAlerts(Callback):
             found += check_sampler(ctx, at, trainer.train_dataloader)
         if self.config.enabled("unseeded_run"):
             found += check_seed(ctx, at, accelerated=pl_module.device.type != "cpu")
+        if self.config.enabled("frozen_parameters"):
+            found += check_frozen(ctx, at, pl_module)
         self._handle(trainer, self.engine.record(found))
 
     def begin_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        step = logging_step(trainer)
+        self._sampled = self._cadence.is_sample_step(step)
+        self._logging = self._cadence.is_log_step(step)
+        self._backward_losses = []
+        if self._sampled:
+            self.inputs.observe(batch)
+            if not is_compiled(pl_module):  # new hooks would make torch.compile recompile
+                self.outputs.arm(pl_module)
+        if step < self.config.settings["framework_warning"]["batches"] and self.config.enabled("framework_warning"):
+            self._warnings.listen()
         if not self._labels.done and self.config.enabled("unshuffled_data"):
             self._labels.observe(batch)
             if self._labels.done:
@@ -210,7 +237,24 @@ class EarlyAlerts(Callback):
         # the real first training forward tells the module order and what BatchNorm layers see
         self._recorder = ForwardRecorder(pl_module)
 
+    def before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        """Lightning is about to backpropagate ``loss`` (both optimization modes)."""
+        self.hygiene.before_backward(self._sampled)
+        if not pl_module.automatic_optimization:
+            self._backward_losses.append(loss)
+
+    def before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._logging:
+            self.hygiene.before_optimizer_step(optimizer)
+
     def end_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
+        if self._sampled:
+            self.outputs.measure()
+        if self._warnings.seen or logging_step(trainer) + 1 >= self.config.settings["framework_warning"]["batches"]:
+            self._warnings.stop()
+            found = self._warnings.alerts(self.engine.context(), _now(trainer))
+            if found:
+                self._handle(trainer, self.engine.record(found))
         if self._recorder is not None:
             self._recorder.remove()
             self.engine.forward_order = self._recorder.order
@@ -221,6 +265,11 @@ class EarlyAlerts(Callback):
                 self._handle(trainer, self.engine.record(found))
             self._recorder = None
         loss = extract_loss(outputs, trainer, pl_module)
+        if loss is None and len(self._backward_losses) == 1:
+            # manual optimization whose `training_step` returns nothing: the one loss it backpropagated
+            # (several backwards in a batch are several objectives, a GAN's: none of them is "the" loss)
+            loss = extract_loss(self._backward_losses[0], trainer, pl_module)
+        self._backward_losses = []
         if loss is None:
             return
         nonfinite = self.loss.add(loss)  # known at once for a CPU loss
@@ -242,7 +291,7 @@ class EarlyAlerts(Callback):
 
     def on_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: Snapshot) -> None:
         """A publication of the hub: judge it, then act on what this read agreed."""
-        self._handle(trainer, self.engine.evaluate(snapshot))
+        self._handle(trainer, self.engine.evaluate(snapshot, final=snapshot.final))
         for action, alert in self._agreement.take_agreed():
             self._act(
                 trainer,
@@ -266,6 +315,9 @@ class EarlyAlerts(Callback):
             self._recorder.remove()
             self._recorder = None
         self._guard.clear()
+        self._warnings.stop()
+        self.outputs.disarm()
+        self.hygiene.stop()
         self.loss.stop()
 
     # ------------------------------------------------------------------ decisions
@@ -354,10 +406,15 @@ class EarlyAlerts(Callback):
         self.begin_batch(trainer, pl_module, batch)  # first: its one-time checks run before any hook is armed
         self._own.begin_batch(logging_step(trainer))
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if not self._bundled:
+            self.before_backward(trainer, pl_module, loss)
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         if not self._bundled:
+            self.before_optimizer_step(trainer, pl_module, optimizer)
             self._own.before_optimizer_step(trainer, pl_module, optimizer, logging_step(trainer))
 
     def on_train_batch_end(
@@ -370,6 +427,10 @@ class EarlyAlerts(Callback):
         self._own.end_batch(trainer, pl_module, stepped, logging_step(trainer))
         if stepped:
             self._hub.batch_end(self, trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._bundled:
+            self._hub.flush(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self._bundled:

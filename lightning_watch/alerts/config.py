@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_watch.alerts.alert import CODES
-from lightning_watch.alerts.rules import DEFAULTS, Rule
+from lightning_watch.alerts.registry import DEFAULTS
+from lightning_watch.alerts.rules import Rule
 from lightning_watch.cadence import check_interval
 
 #: what a raised alert may do, per code

@@ -8,7 +8,7 @@ the thin callback :class:`~lightning_watch.alerts.EarlyAlerts` that feeds it.
 
 Adding a detector: write a rule (``rule(snapshot, context) -> alerts`` with a ``codes``
 attribute) in a module of its own, add its code to :mod:`~lightning_watch.alerts.alert` and
-register it in :data:`~lightning_watch.alerts.rules.BUILTIN_RULES`.
+register it in :data:`~lightning_watch.alerts.registry.BUILTIN_RULES` (one line).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 from lightning_watch.alerts.alert import Alert
 from lightning_watch.alerts.config import AlertConfig
 from lightning_watch.alerts.ledger import AlertLedger
-from lightning_watch.alerts.rules import BUILTIN_RULES, RuleContext
+from lightning_watch.alerts.registry import BUILTIN_RULES
+from lightning_watch.alerts.rules import RuleContext
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.warn import warn_once
 
@@ -69,24 +70,29 @@ class AlertEngine:
         self.history: deque[Snapshot] = deque(maxlen=self.config.history)
         self.forward_order: list[str] = []
 
-    def context(self) -> RuleContext:
+    def context(self, final: bool = False) -> RuleContext:
         return RuleContext(
             history=self.history,
             forward_order=self.forward_order,
             initial_loss=self.initial_loss(),
             settings=self.config.settings,
+            final=final,
         )
 
-    def evaluate(self, snapshot: Snapshot) -> list[Finding]:
-        """Run every enabled rule on ``snapshot``; returns the findings to raise now."""
-        ctx = self.context()
+    def evaluate(self, snapshot: Snapshot, final: bool = False) -> list[Finding]:
+        """Run every enabled rule on ``snapshot`` (``final``: the end of fit); returns the findings to raise now."""
+        ctx = self.context(final)
         disabled = self.config.disabled
         found: list[Alert] = []
         shared: set[int] = set()
         covered: set[str] = set()
         # once values are NaN/Inf every other statistic is garbage (a NaN gradient row looks "dead")
         broken = snapshot.get("loss_nonfinite", default=0.0) > 0 or snapshot.get("grad_nonfinite", default=0.0) > 0
+        # the end of fit, when its last step was judged already: only the rules about the end run again
+        rejudged = final and bool(self.history) and self.history[-1].step == snapshot.step
         for rule in (*BUILTIN_RULES, *self.config.rules):
+            if rejudged and not getattr(rule, "at_end", False):
+                continue
             builtin = rule in BUILTIN_RULES
             codes = [c for c in getattr(rule, "codes", ()) if c not in disabled]
             if builtin and (not codes or (broken and not set(codes) & _NON_FINITE)):
@@ -103,7 +109,10 @@ class AlertEngine:
                 # makes the same finding and may act on it now
                 shared.update(id(a) for a in produced)
         findings = self.record(found, covered, shared=shared)
-        self.history.append(snapshot)
+        if self.history and self.history[-1].step == snapshot.step:
+            self.history[-1] = snapshot  # the end-of-fit re-judgement of the last window
+        else:
+            self.history.append(snapshot)
         return findings
 
     def record(

@@ -48,7 +48,7 @@ class LossWindow:
         >>> from lightning_watch.cadence import Cadence
         >>> window = LossWindow()
         >>> window.start(Cadence(log=2, sample=1), torch.device("cpu"))
-        >>> window.add(torch.tensor(2.0)); window.add(torch.tensor(4.0))
+        >>> _ = window.add(torch.tensor(2.0)), window.add(torch.tensor(4.0))
         >>> from lightning_watch.stats import read_blocks
         >>> snap = Snapshot(step=1, epoch=0); window.finalize(read_blocks([window.collect()]), snap)
         >>> snap.get("loss"), snap.get("loss_max")

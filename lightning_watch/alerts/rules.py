@@ -68,12 +68,14 @@ class RuleContext:
             empty when unknown; rules then fall back to registration order).
         initial_loss: mean training loss of the first steps (NaN until known).
         settings: ``code -> {name: value}``, the defaults merged with the user's settings.
+        final: true for the evaluation at the end of fit (the last, possibly partial, window).
     """
 
     history: Sequence[Snapshot] = ()
     forward_order: Sequence[str] = ()
     initial_loss: float = math.nan
     settings: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULTS.items()})
+    final: bool = False
 
     def setting(self, code: str, name: str) -> Any:
         return self.settings[code][name]

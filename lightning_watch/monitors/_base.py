@@ -210,6 +210,9 @@ class WatchMonitor(Callback):
         if notice:
             rank_zero_info(notice)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        StatHub.for_trainer(trainer).flush(trainer, pl_module)  # the last, unfinished window is read too
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return

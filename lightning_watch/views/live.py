@@ -85,6 +85,8 @@ class WatchViews:
     # ------------------------------------------------------------------ hooks (never raise into training)
     def on_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: Any) -> None:
         try:
+            if getattr(snapshot, "final", False) and snapshot.step == self.history.last_step:
+                return  # the end-of-fit re-judgement of the last logging step: no new point
             self.history.add_snapshot(snapshot)
             self._published += 1
             if self.pictures and self._published % self.picture_every == 0 and self._within_budget():

@@ -1,0 +1,321 @@
+"""What the alert engine measures beyond the monitors: inputs, the model's output, gradient hygiene, unit symmetry.
+
+Each probe is a :class:`~lightning_watch.hub.StatSource`: device accumulators filled on sampled
+(or logging) steps only and read in the hub's one read of the logging step, so none of them
+costs a host sync. They feed the detectors of :mod:`lightning_watch.alerts.detectors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_watch.cadence import Cadence
+from lightning_watch.outputs import primary_tensor
+from lightning_watch.snapshot import Snapshot
+from lightning_watch.stats import StatBlock, StateRegistry, l2_norms
+from lightning_watch.stats.kernels import reduction_dtype, sum_of_squares
+
+
+def first_float_tensor(batch: Any) -> Tensor | None:
+    """The first floating-point tensor of a batch (tensors, tuples, lists, dicts), else ``None``."""
+    if isinstance(batch, Tensor):
+        return batch if batch.is_floating_point() and batch.numel() else None
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        for item in batch:
+            found = first_float_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+class _Probe:
+    """Common parts: a key unique in the read, a cadence, declared accumulators."""
+
+    cadence: Cadence | None = None
+
+    def __init__(self) -> None:
+        self.key = f"{type(self).__name__}@{id(self):x}"
+        self.state = StateRegistry()
+
+    def collect(self) -> StatBlock:
+        return self.state.block(self.key) if self.state.allocated else StatBlock()
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def histograms(self) -> dict[str, Tensor]:
+        return {}
+
+    def _values(self, values: Mapping[str, Any], name: str) -> Any:
+        return values.get(f"{self.key}.{name}")
+
+
+class InputProbe(_Probe):
+    """Scale of the training inputs: mean, std and max-abs of each sampled batch's first float tensor.
+
+    Logged Metrics:
+        ``watch/global/input_mean``, ``watch/global/input_std``, ``watch/global/input_max_abs``.
+
+    Example:
+        >>> probe = InputProbe(); probe.start(Cadence(log=1, sample=1), torch.device("cpu"))
+        >>> probe.observe((torch.full((4, 3), 255.0), torch.zeros(4)))
+        >>> from lightning_watch.stats import read_blocks
+        >>> snap = Snapshot(step=0, epoch=0); probe.finalize(read_blocks([probe.collect()]), snap)
+        >>> snap.get("input_mean"), snap.get("input_std")
+        (255.0, 0.0)
+    """
+
+    def start(self, cadence: Cadence, device: torch.device) -> None:
+        self.cadence = cadence
+        self.state.clear()
+        self.state.declare("sums", (2,), reduce="sum")  # sum, sum of squares
+        self.state.declare("high", (1,), reduce="max")  # max |x|
+        self.state.declare("count", (1,), reduce="sum", host=True)
+        self.state.allocate(device)
+
+    def observe(self, batch: Any) -> None:
+        x = first_float_tensor(batch)
+        if x is None or not self.state.allocated:
+            return
+        x = x.detach()
+        dtype = reduction_dtype([x])
+        self.state["sums"].add_(torch.stack([x.sum(dtype=dtype), sum_of_squares(x, dtype)]))
+        torch.maximum(self.state["high"], x.abs().amax().to(self.state["high"].dtype), out=self.state["high"])
+        self.state["count"][0] += x.numel()
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        count = (self._values(values, "count") or [0])[0]
+        if not count:
+            return
+        total, squares = self._values(values, "sums")
+        mean = total / count
+        snapshot.put("input_mean", mean)
+        snapshot.put("input_std", max(squares / count - mean * mean, 0.0) ** 0.5)
+        snapshot.put("input_max_abs", self._values(values, "high")[0])
+
+
+class OutputProbe(_Probe):
+    """The model's own output (the LightningModule's ``forward``) on sampled steps.
+
+    Measures what a classification head should not look like: the share of exactly-zero values
+    (a ReLU on the logits), the share of rows that are probability vectors (a softmax before a
+    loss that applies its own), and the size of the last dimension (the number of classes).
+
+    Logged Metrics:
+        ``watch/global/output_zero_frac``, ``watch/global/output_prob_rows``, ``watch/global/output_classes``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handles: list[RemovableHandle] = []
+        self._last: Tensor | None = None
+        self._classes = 0
+
+    def start(self, cadence: Cadence, device: torch.device) -> None:
+        self.cadence = cadence
+        self.state.clear()
+        self.state.declare("sums", (2,), reduce="sum")  # zeros, probability rows
+        self.state.declare("count", (2,), reduce="sum", host=True)  # elements, rows
+        self.state.allocate(device)
+
+    def arm(self, model: nn.Module) -> None:
+        """Watch this batch's forward: the output of the model, or of its last top-level child to finish.
+
+        ``training_step`` may call ``self(x)`` or ``self.net(x)``; whichever of them finishes last
+        in the batch holds the model's output. Hooks exist on sampled batches only.
+        """
+        self.disarm()
+        self._handles = [m.register_forward_hook(self._hook) for m in (model, *model.children())]
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        y = primary_tensor(output)
+        if y is not None and y.is_floating_point() and y.dim() >= 2 and y.shape[-1] >= 2:
+            self._last = y.detach()
+
+    def measure(self) -> None:
+        """Measure the output kept by the hooks (the end of a sampled batch)."""
+        self.disarm()
+        y, self._last = self._last, None
+        if y is None or not self.state.allocated:
+            return
+        rows = y.reshape(-1, y.shape[-1])
+        in_unit = ((rows >= 0) & (rows <= 1)).all(dim=1)
+        sums_to_one = (rows.sum(dim=1, dtype=torch.float32) - 1).abs() < 1e-3
+        stats = torch.stack([(rows == 0).sum(dtype=torch.float64), (in_unit & sums_to_one).sum(dtype=torch.float64)])
+        self.state["sums"].add_(stats.to(self.state["sums"].dtype))
+        self.state["count"][0] += rows.numel()
+        self.state["count"][1] += rows.shape[0]
+        self._classes = rows.shape[1]
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        counts = self._values(values, "count") or [0, 0]
+        if not counts[1]:
+            return
+        zeros, prob_rows = self._values(values, "sums")
+        snapshot.put("output_zero_frac", zeros / counts[0])
+        snapshot.put("output_prob_rows", prob_rows / counts[1])
+        snapshot.put("output_classes", float(self._classes))
+
+
+class GradientHygiene(_Probe):
+    """Two invariants of the gradients the optimizers step.
+
+    - **Zeroed before backward**: after an ``optimizer.step()``, the next backward must start from
+      zeroed (or ``None``) gradients, else gradients pile up across steps (a forgotten
+      ``optimizer.zero_grad()`` under manual optimization). Checked on sampled steps: ``None``
+      gradients are known on the host for free; otherwise one fused norm, kept on the device.
+    - **Every parameter gets a gradient**: at the logging step, parameters an optimizer holds
+      that require a gradient but have none (``None``, or exactly zero) are cut off from the loss
+      (a ``.detach()`` in ``forward``, an unused layer).
+
+    Logged Metrics:
+        ``watch/global/grads_not_zeroed`` (sampled backwards that started from stale gradients),
+        ``watch/global/params_without_grad`` (share of the optimizers' trainable elements without
+        a gradient), ``watch/grad_missing/<module>`` (1 for a module none of whose trainable
+        parameters got a gradient).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handles: list[Any] = []
+        self._stepped = False
+        self._modules: list[tuple[str, list[nn.Parameter]]] = []
+        self._missing: dict[str, float] = {}  # module -> 1.0, this window (host knowledge)
+
+    def start(self, cadence: Cadence, device: torch.device, model: nn.Module, optimizers: Sequence[Optimizer]) -> None:
+        self.cadence = cadence
+        self.state.clear()
+        self.state.declare("stale", (1,), reduce="max")
+        self.state.declare("without", (2,), reduce="max")  # elements without gradient, trainable elements
+        self.state.allocate(device)
+        self.stop()
+        self._handles = [opt.register_step_post_hook(self._after_step) for opt in optimizers]
+        self._optimizers = list(optimizers)
+        self._owner = {id(p): name for name, module in model.named_modules() for p in module.parameters(recurse=False)}
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._optimizers = []
+        self._stepped = False
+
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self._stepped = True
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for opt in self._optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad]
+
+    def before_backward(self, sampled: bool) -> None:
+        """Lightning is about to backpropagate; check the previous step's gradients were zeroed."""
+        if not self._stepped:
+            return  # accumulation within a step, or the first backward: gradients may be there
+        self._stepped = False
+        if not sampled or not self.state.allocated:
+            return
+        grads = [p.grad for p in self._trainable() if p.grad is not None]
+        if not grads:
+            return  # zeroed with set_to_none (the default): known on the host, no kernel
+        stale = torch.stack(l2_norms(grads)).amax() > 0
+        torch.maximum(self.state["stale"], stale.to(self.state["stale"].dtype), out=self.state["stale"])
+
+    def before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """On the logging step: which trainable parameters of ``optimizer`` got no gradient."""
+        if not self.state.allocated:
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if not params:
+            return
+        with_grad = [p for p in params if p.grad is not None]
+        none_numel = sum(p.numel() for p in params if p.grad is None)
+        for p in params:
+            if p.grad is None:
+                self._missing[self._owner.get(id(p), "?")] = 1.0
+        zero_numel = torch.zeros((), dtype=self.state["without"].dtype, device=self.state["without"].device)
+        if with_grad:
+            norms = torch.stack(l2_norms([p.grad for p in with_grad]))
+            sizes = torch.tensor([float(p.numel()) for p in with_grad], dtype=zero_numel.dtype, device=norms.device)
+            zero_numel = ((norms == 0).to(zero_numel.dtype) * sizes).sum()
+        row = torch.stack([zero_numel + none_numel, zero_numel.new_tensor(float(sum(p.numel() for p in params)))])
+        torch.maximum(self.state["without"], row, out=self.state["without"])
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        stale = self._values(values, "stale")
+        if stale is not None:
+            snapshot.put("grads_not_zeroed", max(stale[0], 0.0))  # -inf: nothing was checked in the window
+        without = self._values(values, "without")
+        if without is not None and without[1] > 0:
+            snapshot.put("params_without_grad", without[0] / without[1])
+        for module, flag in self._missing.items():
+            snapshot.put("grad_missing", flag, module)
+
+    def reset(self) -> None:
+        super().reset()
+        self._missing = {}
+
+
+class UnitSymmetry(_Probe):
+    """Whether the units of a layer are copies of each other (weights initialised to a constant).
+
+    At the logging step, per ``nn.Linear``/``nn.ConvNd`` layer with two or more output units: the
+    largest spread between units, ``max over inputs of (max over units - min over units)``,
+    relative to the weight's largest magnitude. Exactly 0 means every unit computes the same
+    function, and gradient descent keeps it so. Two small reductions per layer, no copy.
+
+    Logged Metrics:
+        ``watch/unit_spread/<module>``.
+    """
+
+    def start(self, cadence: Cadence, device: torch.device, model: nn.Module) -> None:
+        self.cadence = cadence
+        self._layers = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+            and isinstance(getattr(module, "weight", None), nn.Parameter)
+            and module.weight.dim() >= 2
+            and module.weight.shape[0] > 1
+            and not torch.is_complex(module.weight)
+            and not hasattr(module, "parametrizations")
+        ]
+        self.state.clear()
+        self.state.declare("spread", (len(self._layers),), reduce="max")
+        self.state.allocate(device)
+
+    def collect(self) -> StatBlock:
+        self._measure()  # the weights as they are at this logging step
+        return super().collect()
+
+    def _measure(self) -> None:
+        if not self.state.allocated or not self._layers:
+            return
+        spreads = []
+        for _, module in self._layers:
+            w = module.weight.detach().reshape(module.weight.shape[0], -1)
+            spread = (w.amax(dim=0) - w.amin(dim=0)).amax()
+            scale = w.abs().amax()
+            spreads.append(torch.where(scale > 0, spread / scale, torch.ones_like(scale)).float())
+        self.state["spread"].copy_(torch.stack(spreads).to(self.state["spread"].dtype))
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        spreads = self._values(values, "spread")
+        if not spreads:
+            return
+        for (name, _), spread in zip(self._layers, spreads):
+            snapshot.put("unit_spread", spread, name)
+
+    def reset(self) -> None:
+        pass  # measured afresh at each logging step
