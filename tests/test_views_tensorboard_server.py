@@ -76,7 +76,7 @@ def server(tmp_path_factory):
 
 
 def test_scalar_tags_and_values_served(server):
-    base, run, watch, published = server
+    base, run, _, published = server
     tags = json.loads(_get(base, "/data/plugin/scalars/tags"))[run]
     expected = {tag for snapshot in published for tag in snapshot.scalars()}
     assert expected <= set(tags)
