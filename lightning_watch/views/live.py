@@ -98,7 +98,9 @@ class WatchViews:
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, alerts: list) -> None:
         try:
             log_dir = run_log_dir(trainer)  # a broadcast under DDP: every rank asks, rank zero writes
-            self.last_report = HealthReport.build(self.history, alerts)
+            self.last_report = HealthReport.build(
+                self.history, alerts, run=log_dir or _run_name(trainer), types=_layer_types(pl_module, self.history)
+            )
             if not trainer.is_global_zero:
                 return
             if self.pictures:
@@ -145,6 +147,23 @@ class WatchViews:
                 f.write(report.to_markdown() + "\n")
             with open(os.path.join(log_dir, HEALTH_JSON), "w", encoding="utf-8") as f:
                 f.write(report.to_json() + "\n")
+
+
+def _layer_types(pl_module: pl.LightningModule, history: History) -> dict[str, str]:
+    """``module -> type name`` of the reported layers: the report joins an activation to its layer."""
+    wanted = set(history.modules())
+    named = getattr(pl_module, "named_modules", None)
+    return {name: type(module).__name__ for name, module in named() if name in wanted} if named else {}
+
+
+def _run_name(trainer: pl.Trainer) -> str | None:
+    """The logger's run name and version (``lightning_logs/version_3``) when there is no log directory."""
+    logger = getattr(trainer, "logger", None)
+    if logger is None:
+        return None
+    version = getattr(logger, "version", None)
+    version = version if isinstance(version, str) or version is None else f"version_{version}"
+    return "/".join(str(part) for part in (getattr(logger, "name", None), version) if part) or None
 
 
 def _wait_for_rank_zero(trainer: pl.Trainer) -> None:
