@@ -228,12 +228,13 @@ class HealthReport:
         lines = []
         for a in self.alerts:
             where = f" in {a['module']}" if a.get("module") else ""
-            head = f"[{a.get('severity', '?')}] {a.get('code', '?')}{where} at step {a.get('step', '?')}"
+            found = " (found offline)" if a.get("source") == "offline" else ""
+            head = f"[{a.get('severity', '?')}] {a.get('code', '?')}{where} at step {a.get('step', '?')}{found}"
             if markdown:
                 head = (
                     f"- **{a.get('severity', '?')}** `{a.get('code', '?')}`"
                     + (f" in `{a['module']}`" if a.get("module") else "")
-                    + f" at step {a.get('step', '?')}"
+                    + f" at step {a.get('step', '?')}{found}"
                 )
             lines.append(f"{head}: {a.get('message', '')}")
             if a.get("hint"):
