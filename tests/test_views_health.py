@@ -190,11 +190,42 @@ def test_fold_joins_an_activation_to_its_layer_only():
     assert [r.layer for r in HealthReport.build(history).rows] == ["fc1", "act1", "drop", "act2", "fc2"]
 
 
+def test_short_fit_skips_its_end_of_fit_pictures_unless_asked(tmp_path, monkeypatch):
+    from lightning_watch.views import images, live
+
+    drawn = []
+    real = images.render_pictures
+    monkeypatch.setattr(live, "render_pictures", lambda history: drawn.append(history.last_step) or real(history))
+    watch = Watch(report=False, alerts=False, log_every_n_steps=2)
+    trainer = make_trainer(tmp_path / "default", [watch], max_steps=8)
+    trainer.fit(TinyRegressor(), regression_loader(n=128))
+    assert drawn == []  # ~0.3 s of matplotlib would be many times this fit's 1 % budget
+    report = json.loads(Path(trainer.log_dir, HEALTH_JSON).read_text())
+    assert any(n.startswith("end-of-fit pictures skipped") and "final_pictures = True" in n for n in report["notes"])
+    assert report["checked"] is True
+    acc = EventAccumulator(trainer.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    assert acc.Tags()["images"] == []
+
+    watch = Watch(report=False, alerts=False, log_every_n_steps=2)
+    watch.views.final_pictures = True
+    trainer = make_trainer(tmp_path / "asked", [watch], max_steps=8)
+    trainer.fit(TinyRegressor(), regression_loader(n=128))
+    assert drawn == [7]
+    acc = EventAccumulator(trainer.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    assert {acc.Images(tag)[-1].step for tag in acc.Tags()["images"]} == {7} and acc.Tags()["images"]
+    report = json.loads(Path(trainer.log_dir, HEALTH_JSON).read_text())
+    assert not any("pictures" in n for n in report["notes"])
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"`report` must be True, False or None, got 'yes'\."):
         Watch(report="yes")
     with pytest.raises(ValueError, match=r"`pictures` must be True or False, got 1\."):
         Watch(pictures=1)
+    with pytest.raises(ValueError, match=r"`final_pictures` must be True, False or None, got 'yes'\."):
+        WatchViews(final_pictures="yes")
     with pytest.raises(ValueError, match=r"`maxlen` must be a positive int, got 0\."):
         History(maxlen=0)
 
