@@ -4,7 +4,8 @@ On a GPU a step of a small model is often 2-10 ms of Python and kernel launches,
 *per step* is the overhead users feel. This benchmark measures it on two launch-bound models:
 
     mlp   MLP 32-64-64-10, batch 64 (bare Lightning step ~1.7 ms on 2 CPU cores)
-    gpt   a small GPT-style decoder: 2 blocks, 4 heads, width 128, context 64, vocabulary 512, batch 16
+    gpt   a small GPT-style decoder: 2 blocks, 4 heads, width 64, context 32, vocabulary 256, batch 8
+          (tied embeddings, causal attention, GELU MLPs: the module zoo of a language model, launch-bound)
 
 Method. Every run is a real ``lightning.pytorch.Trainer`` fit of ``--steps`` steps on in-memory batches
 (already on the device) with a fresh model of the same seed. One *round* runs each configuration once,
@@ -104,7 +105,7 @@ class Block(nn.Module):
 class TinyGPT(pl.LightningModule):
     """A small GPT-style language model (token + position embeddings, decoder blocks, tied head)."""
 
-    def __init__(self, vocab: int = 512, context: int = 64, width: int = 128, heads: int = 4, depth: int = 2):
+    def __init__(self, vocab: int = 256, context: int = 32, width: int = 64, heads: int = 4, depth: int = 2):
         super().__init__()
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(context, width)
@@ -136,7 +137,7 @@ def gpt_batches(steps: int, device: str) -> list:
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(steps):
-        seq = torch.randint(0, 512, (16, 65), generator=g)
+        seq = torch.randint(0, 256, (8, 33), generator=g)  # (B, T + 1): inputs and next-token targets
         out.append((seq[:, :-1].to(device), seq[:, 1:].to(device)))
     return out
 

@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "ActivationScaleMonitor": "lightning_watch.monitors",
     "ActivityRegularizer": "lightning_watch.regularize",
-    "ActivityRule": "lightning_watch.regularize_rules",
+    "ActivityRule": "lightning_watch.regularize",
     "Alert": "lightning_watch.alerts",
     "AlertError": "lightning_watch.alerts",
     "DeadUnitMonitor": "lightning_watch.monitors",
@@ -61,8 +61,7 @@ if TYPE_CHECKING:  # static tools see the real names; nothing is imported at run
         ParameterDeltaMonitor,
         WatchMonitor,
     )
-    from lightning_watch.regularize import ActivityRegularizer
-    from lightning_watch.regularize_rules import ActivityRule
+    from lightning_watch.regularize import ActivityRegularizer, ActivityRule
     from lightning_watch.snapshot import Snapshot, scalar_tag
     from lightning_watch.warn import WatchWarning
     from lightning_watch.watch import Watch
