@@ -11,12 +11,16 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from lightning_watch import __version__
-from lightning_watch.views.diff import diff_scalars
-from lightning_watch.views.eventfiles import NoRunsError, RunData, find_runs, read_run, stderr_progress
-from lightning_watch.views.health import HealthReport
-from lightning_watch.views.offline import rediagnose
+
+if TYPE_CHECKING:
+    from lightning_watch.views.eventfiles import RunData
+    from lightning_watch.views.health import HealthReport
+
+# The readers (views.*) are imported by the subcommands that use them: `--help` and `--version`
+# start with argparse alone (every module here is torch-free; none imports Lightning).
 
 #: the end-of-fit report file ``Watch`` writes next to the event files (layer types are read from it)
 HEALTH_JSON = "health.json"
@@ -68,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_run(path: str, arg: str) -> str:
+    from lightning_watch.views.eventfiles import NoRunsError, find_runs
+
     runs = find_runs(path)
     if len(runs) != 1:
         raise NoRunsError(f"`{arg}` must be one run directory, got {path!r} holding {len(runs)} runs: {runs}.")
@@ -75,6 +81,8 @@ def _one_run(path: str, arg: str) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from lightning_watch.views.eventfiles import find_runs, read_run, stderr_progress
+
     progress = None if args.quiet else stderr_progress
     reports, skipped = [], []
     for run_dir in find_runs(args.logdir):
@@ -112,6 +120,9 @@ def run_report(run: RunData) -> HealthReport:
     had only monitors, or no alert engine, still gets a verdict; a run with no statistics at all is
     reported as not checked, never as healthy.
     """
+    from lightning_watch.views.health import HealthReport
+    from lightning_watch.views.offline import rediagnose
+
     if not run.watch_tags:
         return HealthReport.build(
             run.history(),
@@ -134,6 +145,9 @@ def run_report(run: RunData) -> HealthReport:
 
 
 def _diff(args: argparse.Namespace) -> int:
+    from lightning_watch.views.diff import diff_scalars
+    from lightning_watch.views.eventfiles import NoRunsError, read_run, stderr_progress
+
     progress = None if args.quiet else stderr_progress
     if not args.rtol >= 0:
         raise NoRunsError(f"`--rtol` must be a non-negative number, got {args.rtol!r}.")
@@ -156,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["report", "/nonexistent/dir"])
         2
     """
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and --version exit here
+    from lightning_watch.views.eventfiles import NoRunsError
+
     try:
         return _report(args) if args.command == "report" else _diff(args)
     except NoRunsError as err:
