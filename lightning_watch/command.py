@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from lightning_watch.views.diff import diff_scalars
-from lightning_watch.views.eventfiles import NoRunsError, find_runs, read_run, stderr_progress
-from lightning_watch.views.health import HealthReport
+from lightning_watch import __version__
+
+if TYPE_CHECKING:
+    from lightning_watch.views.eventfiles import RunData
+    from lightning_watch.views.health import HealthReport
+
+# The readers (views.*) are imported by the subcommands that use them: `--help` and `--version`
+# start with argparse alone (every module here is torch-free; none imports Lightning).
+
+#: the end-of-fit report file ``Watch`` writes next to the event files (layer types are read from it)
+HEALTH_JSON = "health.json"
 
 DESCRIPTION = """\
 Look inside training runs logged by lightning_watch.
@@ -27,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-watch", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{report,diff}", required=True)
     rep = sub.add_parser(
         "report",
@@ -35,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "under LOGDIR, read from its TensorBoard event files and alerts.jsonl.",
     )
     rep.add_argument("logdir", metavar="LOGDIR", help="a run directory, or a parent of several (e.g. lightning_logs)")
-    rep.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    rep.add_argument("--markdown", action="store_true", help="print Markdown instead of a table")
+    form = rep.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    form.add_argument("--markdown", action="store_true", help="print Markdown instead of a table")
     rep.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     dif = sub.add_parser(
         "diff",
@@ -60,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_run(path: str, arg: str) -> str:
+    from lightning_watch.views.eventfiles import NoRunsError, find_runs
+
     runs = find_runs(path)
     if len(runs) != 1:
         raise NoRunsError(f"`{arg}` must be one run directory, got {path!r} holding {len(runs)} runs: {runs}.")
@@ -67,12 +81,14 @@ def _one_run(path: str, arg: str) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from lightning_watch.views.eventfiles import find_runs, read_run, stderr_progress
+
     progress = None if args.quiet else stderr_progress
     reports, skipped = [], []
     for run_dir in find_runs(args.logdir):
         run = read_run(run_dir, progress)
         skipped += run.skipped
-        reports.append(HealthReport.build(run.history(), run.alerts, run=run_dir))
+        reports.append(run_report(run))
     if args.json:
         payload = {"runs": [r.to_dict() for r in reports], "skipped": [{"file": f, "reason": r} for f, r in skipped]}
         print(json.dumps(payload, indent=2, default=str))
@@ -82,7 +98,56 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def layer_types(run_dir: str) -> dict[str, str]:
+    """``module -> type name`` from the run's ``health.json`` (written at the end of fit), if any."""
+    try:
+        with open(os.path.join(run_dir, HEALTH_JSON), encoding="utf-8") as f:
+            layers = json.load(f).get("layers", [])
+        types = {}
+        for row in layers:
+            for module, kind in zip(row.get("modules") or [row.get("layer")], row.get("types") or [row.get("type")]):
+                if isinstance(module, str) and isinstance(kind, str):
+                    types[module] = kind
+        return types
+    except (OSError, ValueError, AttributeError, TypeError):  # absent (a running job) or not ours
+        return {}
+
+
+def run_report(run: RunData) -> HealthReport:
+    """The report of one run: its live alerts plus what the built-in rules find on its logged values.
+
+    The rules run again offline (default settings) on every run with our scalars, so a run that
+    had only monitors, or no alert engine, still gets a verdict; a run with no statistics at all is
+    reported as not checked, never as healthy.
+    """
+    from lightning_watch.views.health import HealthReport
+    from lightning_watch.views.offline import rediagnose
+
+    if not run.watch_tags:
+        return HealthReport.build(
+            run.history(),
+            run.alerts,
+            run=run.path,
+            not_checked="not checked: no statistics were logged (no `watch/*` scalar in the event files)",
+        )
+    offline = rediagnose(run.scalars)
+    live = {(a.get("code"), a.get("module")) for a in run.alerts}
+    extra = [a for a in offline.alerts if (a["code"], a["module"]) not in live]
+    note = (
+        f"re-diagnosed offline from the logged statistics: {offline.steps} logging step"
+        f"{'s' * (offline.steps != 1)}, built-in rules with default settings"
+        + (f", {len(extra)} alert{'s' * (len(extra) != 1)} found offline" if extra else "")
+        + (f"; not re-checked: {', '.join(offline.skipped)}" if offline.skipped else "")
+    )
+    return HealthReport.build(
+        run.history(), [*run.alerts, *extra], run=run.path, types=layer_types(run.path), notes=[note]
+    )
+
+
 def _diff(args: argparse.Namespace) -> int:
+    from lightning_watch.views.diff import diff_scalars
+    from lightning_watch.views.eventfiles import NoRunsError, read_run, stderr_progress
+
     progress = None if args.quiet else stderr_progress
     if not args.rtol >= 0:
         raise NoRunsError(f"`--rtol` must be a non-negative number, got {args.rtol!r}.")
@@ -105,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["report", "/nonexistent/dir"])
         2
     """
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and --version exit here
+    from lightning_watch.views.eventfiles import NoRunsError
+
     try:
         return _report(args) if args.command == "report" else _diff(args)
     except NoRunsError as err:

@@ -50,30 +50,37 @@ def test_report_json_of_a_parent_matches_logged_values(runs, capsys):
     for run in payload["runs"]:
         scalars = read_scalars(run["run"])  # TensorBoard's reader, independently of ours
         live = json.loads(Path(run["run"], HEALTH_JSON).read_text())
-        assert (
-            [r["layer"] for r in run["layers"]] == [r["layer"] for r in live["layers"]] == ["net.0", "net.1", "net.2"]
-        )
+        assert live["run"] == run["run"]  # health.json names its run (it used to be null)
+        # the ReLU joins the Linear that feeds it, in both reports; types come from health.json
+        assert [r["layer"] for r in run["layers"]] == [r["layer"] for r in live["layers"]] == ["net.0", "net.2"]
+        assert [r["label"] for r in run["layers"]] == ["net.0 (Linear → ReLU)", "net.2 (Linear)"]
+        assert run["layers"][0]["modules"] == ["net.0", "net.1"]
         for row, live_row in zip(run["layers"], live["layers"]):
             for metric in ("grad_norm", "update_ratio", "act_rms", "dead_frac"):
-                series = scalars.get(f"watch/{metric}/{row['layer']}")
+                # the layer's own figure first; the dead fraction is the activation's (the last module)
+                modules = row["modules"][::-1] if metric == "dead_frac" else row["modules"]
+                series = next((scalars[t] for m in modules if (t := f"watch/{metric}/{m}") in scalars), None)
                 expected = None if series is None else sorted(series)[-1][1]
-                if expected is None:  # e.g. a ReLU has no gradient norm
+                if expected is None:
                     assert row[metric] is None and live_row[metric] is None
                     continue
                 assert row[metric] == pytest.approx(expected)
                 assert row[metric] == pytest.approx(live_row[metric], rel=1e-6)  # float32 on disk
             assert row["status"] == live_row["status"]
-        assert run["alerts"] == live["alerts"] and run["alerts"]  # unshuffled data is flagged
+        live_alerts = [a for a in run["alerts"] if a.get("source") != "offline"]
+        assert live_alerts == live["alerts"] and live_alerts  # unshuffled data is flagged
+        assert run["checked"] and "re-diagnosed offline" in run["notes"][0]
         assert run["last_step"] == live["last_step"]
 
 
 def test_report_text_and_markdown(runs, capsys):
     rc, out, _ = _run(capsys, "report", runs["a"], "-q")
     assert rc == 0
-    assert out.startswith(f"lightning_watch health report [{runs['a']}]: 3 layers")
+    assert out.startswith(f"lightning_watch health report [{runs['a']}]: 2 layers")
+    assert "net.0 (Linear → ReLU)" in out and "re-diagnosed offline from the logged statistics" in out
     assert "grad last" in out and "hint: " in out
     rc, out, _ = _run(capsys, "report", runs["a"], "-q", "--markdown")
-    assert "| layer |" in out and "`net.0`" in out
+    assert "| layer |" in out and "`net.0` (Linear → ReLU)" in out
 
 
 def test_corrupt_event_file_is_named_skipped_and_reading_goes_on(runs, tmp_path, capsys):
@@ -90,7 +97,7 @@ def test_corrupt_event_file_is_named_skipped_and_reading_goes_on(runs, tmp_path,
     assert f"skipping corrupt event file {bad}" in err
     payload = json.loads(out)
     assert [s["file"] for s in payload["skipped"]] == [str(bad)]
-    assert len(payload["runs"][0]["layers"]) == 3  # the good file was still read
+    assert len(payload["runs"][0]["layers"]) == 2  # the good file was still read
 
 
 def test_directory_without_runs_is_a_clear_error(tmp_path, capsys):
@@ -144,6 +151,13 @@ def test_python_dash_m_runs_without_the_training_code(runs):
     assert json.loads(proc.stdout)["runs"][0]["run"] == runs["a"]
 
 
+def test_json_and_markdown_together_are_refused(runs, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", runs["a"], "--json", "--markdown"])
+    assert exit_info.value.code == 2
+    assert "argument --markdown: not allowed with argument --json" in capsys.readouterr().err
+
+
 def test_help_names_both_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -160,4 +174,4 @@ def test_running_run_with_a_half_written_record_is_read(runs, tmp_path, capsys):
     assert check_event_file(str(event_file)) is None  # cut short at the end is not corruption
     rc, out, _ = _run(capsys, "report", str(run), "--json", "-q")
     payload = json.loads(out)
-    assert rc == 0 and not payload["skipped"] and len(payload["runs"][0]["layers"]) == 3
+    assert rc == 0 and not payload["skipped"] and len(payload["runs"][0]["layers"]) == 2

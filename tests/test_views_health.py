@@ -50,12 +50,18 @@ def test_report_values_equal_logged_scalars(healthy_run):
     _, trainer = healthy_run
     scalars = read_scalars(trainer.log_dir)  # TensorBoard's own reader, not ours
     report = json.loads(Path(trainer.log_dir, HEALTH_JSON).read_text())
-    assert [row["layer"] for row in report["layers"]] == ["net.0", "net.1", "net.2"]  # forward order
+    # forward order; the ReLU (net.1) joins the Linear that feeds it
+    assert [row["layer"] for row in report["layers"]] == ["net.0", "net.2"]
+    assert [row["modules"] for row in report["layers"]] == [["net.0", "net.1"], ["net.2"]]
+    assert [row["types"] for row in report["layers"]] == [["Linear", "ReLU"], ["Linear"]]
+    assert report["run"] == trainer.log_dir and report["checked"] is True
     for row in report["layers"]:
         for metric in ("grad_norm", "update_ratio", "act_rms", "dead_frac"):
-            series = scalars.get(f"watch/{metric}/{row['layer']}")
+            # the layer's own figure first; the dead fraction is the activation's
+            modules = row["modules"][::-1] if metric == "dead_frac" else row["modules"]
+            series = next((scalars[t] for m in modules if (t := f"watch/{metric}/{m}") in scalars), None)
             if series is None:
-                assert row[metric] is None  # e.g. a ReLU has no gradient norm
+                assert row[metric] is None
                 continue
             steps, values = zip(*sorted(series))
             assert row[metric] == pytest.approx(values[-1], rel=1e-6)
@@ -68,7 +74,7 @@ def test_report_values_equal_logged_scalars(healthy_run):
 def test_report_files_and_tensorboard_text(healthy_run):
     watch, trainer = healthy_run
     markdown = Path(trainer.log_dir, HEALTH_MD).read_text()
-    assert "| layer |" in markdown and "`net.0`" in markdown
+    assert "| layer |" in markdown and "`net.0` (Linear → ReLU)" in markdown
     acc = EventAccumulator(trainer.log_dir, size_guidance={"tensors": 0})
     acc.Reload()
     tag = f"{REPORT_TAG}/text_summary"
@@ -88,12 +94,14 @@ def test_stopped_by_alert_report_lists_alerts_with_hints(dead_run):
     lines = [json.loads(x) for x in Path(trainer.log_dir, "alerts.jsonl").read_text().splitlines()]
     assert report["alerts"] == lines
     rows = {r["layer"]: r for r in report["layers"]}
-    assert rows["net.1"]["dead_frac"] == 1.0
+    assert rows["net.0"]["modules"] == ["net.0", "net.1"]  # the dead ReLU is shown on its Linear's row
+    assert rows["net.0"]["dead_frac"] == 1.0
     flagged = {a["module"]: a["severity"] for a in dead_alerts}
-    assert rows["net.1"]["status"] == flagged["net.1"]
+    assert rows["net.0"]["status"] == flagged["net.1"]
     assert report["healthy"] is False
     text = watch.views.last_report.to_text()
     assert "SICK" in text and "hint: " in text and "dead_units in net.1" in text
+    assert "net.0 (Linear → ReLU)" in text
 
 
 @pytest.mark.parametrize(
@@ -157,11 +165,67 @@ def test_nonfinite_values_mark_the_layer_and_json_stays_valid():
     assert parsed["layers"][0]["grad_norm"] is None and parsed["healthy"] is False
 
 
+def test_nothing_logged_is_not_checked_never_healthy():
+    report = HealthReport.build(History(), [])
+    assert report.checked is False and report.healthy is None
+    text = report.to_text()
+    assert "healthy" not in text and "Not checked: no logging step was reached" in text
+    assert "log_every_n_steps=10" in text
+    assert json.loads(report.to_json())["healthy"] is None
+    assert "**Not checked" in report.to_markdown() and "No alerts." not in report.to_markdown()
+
+
+def test_fold_joins_an_activation_to_its_layer_only():
+    history = History()
+    for module, metric, value in [
+        ("fc1", "grad_norm", 1.0), ("fc1", "act_rms", 5.0), ("act1", "act_rms", 2.0), ("act1", "dead_frac", 0.5),
+        ("drop", "act_rms", 2.0), ("act2", "dead_frac", 0.25), ("fc2", "grad_norm", 3.0),
+    ]:  # fmt: skip
+        history.add(metric, module, 0, value)
+    types = {"fc1": "Linear", "act1": "ReLU", "drop": "Dropout", "act2": "ReLU", "fc2": "Linear"}
+    alerts = [{"code": "dead_units", "severity": "warning", "step": 0, "module": "act1"}]
+    rows = HealthReport.build(history, alerts, types=types).rows
+    assert [r.label for r in rows] == ["fc1 (Linear → ReLU)", "drop (Dropout → ReLU)", "fc2 (Linear)"]
+    assert (rows[0].grad_norm, rows[0].act_rms, rows[0].dead_frac, rows[0].status) == (1.0, 5.0, 0.5, "warning")
+    assert [r.layer for r in HealthReport.build(history).rows] == ["fc1", "act1", "drop", "act2", "fc2"]
+
+
+def test_short_fit_skips_its_end_of_fit_pictures_unless_asked(tmp_path, monkeypatch):
+    from lightning_watch.views import images, live
+
+    drawn = []
+    real = images.render_pictures
+    monkeypatch.setattr(live, "render_pictures", lambda history: drawn.append(history.last_step) or real(history))
+    watch = Watch(report=False, alerts=False, log_every_n_steps=2)
+    trainer = make_trainer(tmp_path / "default", [watch], max_steps=8)
+    trainer.fit(TinyRegressor(), regression_loader(n=128))
+    assert drawn == []  # ~0.3 s of matplotlib would be many times this fit's 1 % budget
+    report = json.loads(Path(trainer.log_dir, HEALTH_JSON).read_text())
+    assert any(n.startswith("end-of-fit pictures skipped") and "final_pictures = True" in n for n in report["notes"])
+    assert report["checked"] is True
+    acc = EventAccumulator(trainer.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    assert acc.Tags()["images"] == []
+
+    watch = Watch(report=False, alerts=False, log_every_n_steps=2)
+    watch.views.final_pictures = True
+    trainer = make_trainer(tmp_path / "asked", [watch], max_steps=8)
+    trainer.fit(TinyRegressor(), regression_loader(n=128))
+    assert drawn == [7]
+    acc = EventAccumulator(trainer.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    assert {acc.Images(tag)[-1].step for tag in acc.Tags()["images"]} == {7} and acc.Tags()["images"]
+    report = json.loads(Path(trainer.log_dir, HEALTH_JSON).read_text())
+    assert not any("pictures" in n for n in report["notes"])
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"`report` must be True, False or None, got 'yes'\."):
         Watch(report="yes")
     with pytest.raises(ValueError, match=r"`pictures` must be True or False, got 1\."):
         Watch(pictures=1)
+    with pytest.raises(ValueError, match=r"`final_pictures` must be True, False or None, got 'yes'\."):
+        WatchViews(final_pictures="yes")
     with pytest.raises(ValueError, match=r"`maxlen` must be a positive int, got 0\."):
         History(maxlen=0)
 

@@ -39,6 +39,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("tb_server")
     torch.manual_seed(0)
     watch = Watch(report=False)  # alerts on: the unshuffled loader is flagged as TensorBoard text
+    watch.views.final_pictures = True  # a 12-step fit is too short for its pictures' time budget
     published = []
     watch.add_listener(lambda trainer, module, snapshot: published.append(snapshot))
     trainer = make_trainer(root, [watch], max_steps=12, max_epochs=None)

@@ -22,6 +22,32 @@ ALERTS_NAME = "alerts.jsonl"
 Progress = Callable[[str], None]
 
 
+def parse_tag(tag: str) -> tuple[str, str | None] | None:
+    """``(metric, module)`` of one of our scalar tags (module ``None`` for a global one); ``None`` otherwise.
+
+    Both layouts are read: today's ``watch/<metric>/<module>`` and ``watch/global/<metric>``, and the
+    grouped ``watch.<metric>/<module>`` and ``watch.global/<metric>`` (one TensorBoard section per
+    metric), so logs written before and after the change report alike.
+
+    Example:
+        >>> parse_tag("watch/grad_norm/net.0"), parse_tag("watch.grad_norm/net.0")
+        (('grad_norm', 'net.0'), ('grad_norm', 'net.0'))
+        >>> parse_tag("watch/global/loss"), parse_tag("watch.global/loss"), parse_tag("train_loss")
+        (('loss', None), ('loss', None), None)
+    """
+    if tag.startswith(TAG_PREFIX + "/"):  # watch/<metric>/<module>, watch/global/<metric>
+        parts = tag.split("/", 2)
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            return None
+        return (parts[2], None) if parts[1] == "global" else (parts[1], parts[2])
+    if tag.startswith(TAG_PREFIX + "."):  # watch.<metric>/<module>, watch.global/<metric>
+        head, sep, rest = tag[len(TAG_PREFIX) + 1 :].partition("/")
+        if not sep or not head or not rest:
+            return None
+        return (rest, None) if head == "global" else (head, rest)
+    return None
+
+
 class NoRunsError(ValueError):
     """The directory holds no TensorBoard event file."""
 
@@ -42,14 +68,19 @@ class RunData:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    @property
+    def watch_tags(self) -> list[str]:
+        """Our scalar tags (either layout), in the order first written."""
+        return [tag for tag in self.scalars if parse_tag(tag) is not None]
+
     def history(self, maxlen: int = 256) -> History:
         """Feed our per-module tags into a :class:`History`, step by step, modules in written order."""
         hist = History(maxlen=maxlen)
         per_metric: dict[str, list[tuple[str, list[tuple[int, float]]]]] = {}
         for tag, points in self.scalars.items():  # tags in the order first written: registration order
-            parts = tag.split("/", 2)
-            if len(parts) == 3 and parts[0] == TAG_PREFIX and parts[1] != "global":
-                per_metric.setdefault(parts[1], []).append((parts[2], points))
+            parsed = parse_tag(tag)
+            if parsed is not None and parsed[1] is not None:
+                per_metric.setdefault(parsed[0], []).append((parsed[1], points))
         for metric in hist.metrics:
             hist.merge_order(module for module, _ in per_metric.get(metric, []))
         for metric, series in per_metric.items():

@@ -14,6 +14,20 @@ from typing import Any
 from lightning_watch.views.history import History
 
 _SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
+
+#: module types folded into the row of the layer that feeds them (they have no weights of their own)
+ACTIVATIONS = frozenset(
+    {
+        "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish",
+        "Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Hardswish", "Softplus", "Softsign", "Tanhshrink",
+        "LogSigmoid", "Threshold",
+    }
+)  # fmt: skip
+#: what a report says when nothing was measured (never "healthy")
+NOT_LOGGED = (
+    "not checked: no logging step was reached, so no statistics were logged "
+    "(for short runs pass `Watch(log_every_n_steps=10)`)"
+)
 #: status marks, best to worst (ASCII: terminals and log files of every encoding read them)
 MARKS = {"ok": "ok", "info": "info", "warning": "WARN", "error": "SICK"}
 
@@ -58,10 +72,15 @@ class LayerRow:
     """One watched layer: last/extreme statistics and its status.
 
     ``status`` is the worst severity among the alerts naming this layer, ``"error"`` if any
-    gradient or activation statistic was non-finite, else ``"ok"``.
+    gradient or activation statistic was non-finite, else ``"ok"``. An activation that follows a
+    layer (``fc1`` then its ReLU) shares that layer's row: ``modules`` lists both, ``types`` their
+    types, and the row reads ``fc1 (Linear → ReLU)``; its gradient and update figures are the
+    layer's, its activation RMS the layer's output (before the activation, where scale problems
+    show), its dead fraction the activation's.
     """
 
     layer: str
+    type: str | None = None
     grad_norm: float | None = None
     grad_norm_max: float | None = None
     update_ratio: float | None = None
@@ -70,6 +89,14 @@ class LayerRow:
     nonfinite: int = 0
     status: str = "ok"
     last_step: int = -1
+    modules: list[str] = field(default_factory=list)
+    types: list[str | None] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """``fc1 (Linear → ReLU)``, ``fc2 (Linear)``, or the bare name when the type is unknown."""
+        known = [t for t in self.types if t]
+        return f"{self.layer} ({' → '.join(known)})" if known else self.layer
 
 
 @dataclass
@@ -98,10 +125,30 @@ class HealthReport:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     last_step: int = -1
     run: str | None = None
+    checked: bool = True
+    notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def build(cls, history: History, alerts: list[Any] = (), run: str | None = None) -> HealthReport:
+    def build(
+        cls,
+        history: History,
+        alerts: list[Any] = (),
+        run: str | None = None,
+        types: dict[str, str] | None = None,
+        notes: list[str] = (),
+        not_checked: str | None = None,
+    ) -> HealthReport:
+        """The report of ``history`` and ``alerts``.
+
+        Args:
+            types: ``module -> type name`` (e.g. ``"Linear"``); with it an activation joins the row
+                of the layer that feeds it.
+            notes: lines saying how the verdict was reached (e.g. re-diagnosed offline).
+            not_checked: why nothing could be judged; when no statistic was logged at all a
+                default reason is given. Such a report is never "healthy".
+        """
         records = [alert_record(a) for a in alerts]
+        types = dict(types or {})
         worst: dict[str | None, str] = {}
         for rec in records:
             sev = rec.get("severity", "warning")
@@ -123,6 +170,9 @@ class HealthReport:
             rows.append(
                 LayerRow(
                     layer=module,
+                    type=types.get(module),
+                    modules=[module],
+                    types=[types.get(module)],
                     grad_norm=last("grad_norm"),
                     grad_norm_max=None if grad is None or grad.max == -math.inf else grad.max,
                     update_ratio=last("update_ratio"),
@@ -136,11 +186,24 @@ class HealthReport:
                     ),
                 )
             )
-        return cls(rows=rows, alerts=records, last_step=history.last_step, run=run)
+        if types:
+            rows = _fold(rows)
+        if not_checked is None and history.last_step < 0:
+            not_checked = NOT_LOGGED
+        return cls(
+            rows=rows,
+            alerts=records,
+            last_step=history.last_step,
+            run=run,
+            checked=not_checked is None,
+            notes=[*notes] if not_checked is None else [not_checked, *notes],
+        )
 
     @property
-    def healthy(self) -> bool:
-        """No warning/error alert and no sick layer."""
+    def healthy(self) -> bool | None:
+        """No warning/error alert and no sick layer; ``None`` when nothing was checked."""
+        if not self.checked and not any(a.get("severity") in ("warning", "error") for a in self.alerts):
+            return None
         return all(r.status in ("ok", "info") for r in self.rows) and not any(
             a.get("severity") in ("warning", "error") for a in self.alerts
         )
@@ -156,7 +219,7 @@ class HealthReport:
 
     def _cells(self, row: LayerRow) -> list[str]:
         values = asdict(row)
-        cells = [row.layer]
+        cells = [row.label]
         cells += [_fmt(values[key]) for key, _ in _COLUMNS[1:-1]]
         cells.append(MARKS.get(row.status, row.status))
         return cells
@@ -165,12 +228,13 @@ class HealthReport:
         lines = []
         for a in self.alerts:
             where = f" in {a['module']}" if a.get("module") else ""
-            head = f"[{a.get('severity', '?')}] {a.get('code', '?')}{where} at step {a.get('step', '?')}"
+            found = " (found offline)" if a.get("source") == "offline" else ""
+            head = f"[{a.get('severity', '?')}] {a.get('code', '?')}{where} at step {a.get('step', '?')}{found}"
             if markdown:
                 head = (
                     f"- **{a.get('severity', '?')}** `{a.get('code', '?')}`"
                     + (f" in `{a['module']}`" if a.get("module") else "")
-                    + f" at step {a.get('step', '?')}"
+                    + f" at step {a.get('step', '?')}{found}"
                 )
             lines.append(f"{head}: {a.get('message', '')}")
             if a.get("hint"):
@@ -190,9 +254,15 @@ class HealthReport:
         lines += [fmt(c) for c in body]
         if self.alerts:
             lines += ["", "alerts:"] + ["  " + line for line in self._alert_lines(markdown=False)]
-        else:
-            lines += ["", "no alerts" + (" - healthy" if self.healthy else "")]
+        lines += ["", *self._verdict()]
         return "\n".join(lines)
+
+    def _verdict(self) -> list[str]:
+        if not self.checked:
+            return [self.notes[0][0].upper() + self.notes[0][1:], *self.notes[1:]]
+        if self.alerts:
+            return list(self.notes)
+        return ["no alerts" + (" - healthy" if self.healthy else ""), *self.notes]
 
     def to_markdown(self) -> str:
         """The same report as a Markdown table (TensorBoard's Text tab, ``health.md``)."""
@@ -201,10 +271,14 @@ class HealthReport:
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(_COLUMNS) - 1)) + "|")
         for r in self.rows:
             cells = self._cells(r)
-            cells[0] = f"`{cells[0]}`"
+            cells[0] = f"`{r.layer}`" + (f" ({' → '.join(t for t in r.types if t)})" if any(r.types) else "")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        lines += self._alert_lines(markdown=True) or ["No alerts."]
+        if not self.checked:
+            lines += [f"**{self._verdict()[0]}**", *self._verdict()[1:]]
+        else:
+            lines += self._alert_lines(markdown=True) or ["No alerts."]
+            lines += [f"*{note}*" for note in self.notes]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,14 +288,38 @@ class HealthReport:
             d = asdict(r)
             for key in ("grad_norm", "grad_norm_max", "update_ratio", "act_rms", "dead_frac"):
                 d[key] = _num(d[key])
+            d["label"] = r.label
             rows.append(d)
         return {
             "run": self.run,
             "last_step": self.last_step,
+            "checked": self.checked,
             "healthy": self.healthy,
+            "notes": self.notes,
             "layers": rows,
             "alerts": self.alerts,
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+def _fold(rows: list[LayerRow]) -> list[LayerRow]:
+    """Join each activation row to the row before it (the layer that feeds it, in forward order)."""
+    out: list[LayerRow] = []
+    for row in rows:
+        prev = out[-1] if out else None
+        if row.type in ACTIVATIONS and prev is not None and prev.type not in ACTIVATIONS and len(prev.modules) == 1:
+            prev.modules.append(row.layer)
+            prev.types.append(row.type)
+            if prev.act_rms is None:
+                prev.act_rms = row.act_rms
+            if row.dead_frac is not None:
+                prev.dead_frac = row.dead_frac
+            prev.nonfinite += row.nonfinite
+            if _SEVERITY_RANK.get(row.status, -1) > _SEVERITY_RANK.get(prev.status, -1):
+                prev.status = row.status
+            prev.last_step = max(prev.last_step, row.last_step)
+            continue
+        out.append(row)
+    return out

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from lightning_watch.tensorboard import add_text, run_log_dir, tensorboard_loggers
 from lightning_watch.views.health import HealthReport
 from lightning_watch.views.history import History
-from lightning_watch.views.images import render_pictures
+from lightning_watch.views.images import matplotlib_available, render_pictures
 from lightning_watch.warn import warn_once
 
 #: TensorBoard text tag of the end-of-fit report.
@@ -39,8 +39,10 @@ class WatchViews:
             picture is skipped unless drawing it (estimated from the last one) keeps the total
             within the share (matplotlib takes a few tenths of a second per set of pictures, many
             training steps of a small model: at 1 %, the first periodic pictures come after about
-            30 s of training; the end-of-fit pictures are always drawn).
+            30 s of training). The end-of-fit pictures count against the same budget.
         history: points kept per layer and metric (bounds memory).
+        final_pictures: ``None`` draws the end-of-fit pictures when they fit the budget (a short
+            fit skips them, and its report says so); ``True`` always draws them; ``False`` never.
 
     Raises:
         ValueError: for a non-bool ``report``/``pictures`` or a non-positive ``picture_every``.
@@ -58,6 +60,7 @@ class WatchViews:
         picture_every: int = 10,
         history: int = 256,
         picture_budget: float = 0.01,
+        final_pictures: bool | None = None,
     ) -> None:
         if report is not None and not isinstance(report, bool):
             raise ValueError(f"`report` must be True, False or None, got {report!r}.")
@@ -67,6 +70,9 @@ class WatchViews:
             raise ValueError(f"`picture_every` must be a positive int, got {picture_every!r}.")
         if isinstance(picture_budget, bool) or not isinstance(picture_budget, (int, float)) or picture_budget <= 0:
             raise ValueError(f"`picture_budget` must be a positive share such as 0.01, got {picture_budget!r}.")
+        if final_pictures is not None and not isinstance(final_pictures, bool):
+            raise ValueError(f"`final_pictures` must be True, False or None, got {final_pictures!r}.")
+        self.final_pictures = final_pictures
         self.picture_budget = float(picture_budget)
         self.report = report
         self.pictures = pictures
@@ -100,11 +106,16 @@ class WatchViews:
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, alerts: list) -> None:
         try:
             log_dir = run_log_dir(trainer)  # a broadcast under DDP: every rank asks, rank zero writes
-            self.last_report = HealthReport.build(self.history, alerts)
+            drawn = self._final_pictures(trainer)
+            self.last_report = HealthReport.build(
+                self.history,
+                alerts,
+                run=log_dir or _run_name(trainer),
+                types=_layer_types(pl_module, self.history),
+                notes=[] if drawn is None else [drawn],
+            )
             if not trainer.is_global_zero:
                 return
-            if self.pictures:
-                self._draw(trainer, max(self.history.last_step, 0))
             self._write(trainer, log_dir, self.last_report)
             show = self.report if self.report is not None else trainer.progress_bar_callback is not None
             if show:
@@ -123,6 +134,29 @@ class WatchViews:
             self.on_train_end(trainer, pl_module, alerts)
 
     # ------------------------------------------------------------------ helpers
+    def _final_pictures(self, trainer: pl.Trainer) -> str | None:
+        """Draw the end-of-fit pictures if asked or within budget; a note for the report when skipped.
+
+        On a short fit one set of pictures (~0.3 s of matplotlib) costs more than the whole fit's
+        budget, so by default it is skipped there, like a periodic one would be.
+        """
+        if not self.pictures or self.final_pictures is False or self.history.last_step < 0:
+            return None
+        if not matplotlib_available():
+            render_pictures(self.history)  # says once that pictures need matplotlib, draws nothing
+            return None
+        if self.final_pictures is None and not self._within_budget():
+            elapsed = time.perf_counter() - getattr(self, "_started", time.perf_counter())
+            cost = getattr(self, "_next_draw", FIRST_DRAW_ESTIMATE_S)
+            return (
+                f"end-of-fit pictures skipped: drawing them (~{cost:.1f} s) "
+                f"would exceed {self.picture_budget:.0%} of this {elapsed:.1f} s fit; "
+                "`watch.views.final_pictures = True` draws them anyway"
+            )
+        if trainer.is_global_zero:
+            self._draw(trainer, max(self.history.last_step, 0))
+        return None
+
     def _within_budget(self) -> bool:
         # the cost of the draw about to happen counts too: otherwise the first set of pictures
         # would be free, and on a short run it alone costs more than the whole budget
@@ -147,6 +181,23 @@ class WatchViews:
                 f.write(report.to_markdown() + "\n")
             with open(os.path.join(log_dir, HEALTH_JSON), "w", encoding="utf-8") as f:
                 f.write(report.to_json() + "\n")
+
+
+def _layer_types(pl_module: pl.LightningModule, history: History) -> dict[str, str]:
+    """``module -> type name`` of the reported layers: the report joins an activation to its layer."""
+    wanted = set(history.modules())
+    named = getattr(pl_module, "named_modules", None)
+    return {name: type(module).__name__ for name, module in named() if name in wanted} if named else {}
+
+
+def _run_name(trainer: pl.Trainer) -> str | None:
+    """The logger's run name and version (``lightning_logs/version_3``) when there is no log directory."""
+    logger = getattr(trainer, "logger", None)
+    if logger is None:
+        return None
+    version = getattr(logger, "version", None)
+    version = version if isinstance(version, str) or version is None else f"version_{version}"
+    return "/".join(str(part) for part in (getattr(logger, "name", None), version) if part) or None
 
 
 def _wait_for_rank_zero(trainer: pl.Trainer) -> None:

@@ -1,0 +1,399 @@
+"""What does watching add to each training step? Extra microseconds per plain, sampled and logging step.
+
+On a GPU a step of a small model is often 2-10 ms of Python and kernel launches, so what callbacks add
+*per step* is the overhead users feel. This benchmark measures it on two launch-bound models:
+
+    mlp   MLP 32-64-64-10, batch 64 (bare Lightning step ~1.7 ms on 2 CPU cores)
+    gpt   a small GPT-style decoder: 2 blocks, 4 heads, width 64, context 32, vocabulary 256, batch 8
+          (tied embeddings, causal attention, GELU MLPs: the module zoo of a language model, launch-bound)
+
+Method. Every run is a real ``lightning.pytorch.Trainer`` fit of ``--steps`` steps on in-memory batches
+(already on the device) with a fresh model of the same seed. One *round* runs each configuration once,
+each preceded by a bare run (bare, A, bare, B, ...) in one process, so the drifts of a shared machine
+cancel; one discarded fit per model warms the process up. A tiny timing callback is installed FIRST and
+LAST in the callback list of every run (bare ones too): its ``on_train_batch_start`` (first) and
+``on_train_batch_end`` (last) bracket each step with ``time.perf_counter``, so a step's time holds the
+forward, backward, optimizer and every callback's per-step work. Each step is classified by the watched
+run's cadence (``lightning_watch.cadence``): *logging* when ``(step + 1) % log == 0``, *sampled* when
+``(step + 1) % sample == 0`` (and not logging), *plain* otherwise; the first ``--warmup`` steps are left
+out of the per-step figures. A configuration's extra is its median step time of a class minus that of
+the bare run before it; the table shows the median over rounds with min-max.
+
+Also shown: *mean extra* (mean over all steps, warm-up included: what the sampled and logging steps add
+on average), *end of fit* (extra seconds from the last step's end to ``fit()`` returning: report,
+pictures, files) and the *whole-run* ratio (wall time of the whole ``fit()``, over the bare run's).
+
+With ``--device cuda`` the host's clock is read after ``torch.cuda.synchronize()`` only around the timed
+regions: before and after each ``fit()``; never inside the callbacks, which would add the very syncs
+being measured. Per-step figures are then host-side (launch) times, which is what a launch-bound step
+costs; the whole-run ratio covers the device's work too.
+
+Usage:
+    python benchmarks/step_cost.py                     # both models, 5 rounds of 100 steps
+    python benchmarks/step_cost.py --quick             # 2 rounds of 60 steps (a smoke run)
+    python benchmarks/step_cost.py --device cuda --out step_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lightning_watch import GradientNormMonitor, Watch
+from lightning_watch.cadence import Cadence
+
+
+# ---------------------------------------------------------------------- models
+class TinyMLP(pl.LightningModule):
+    """MLP 32-64-64-10 (ReLU), cross-entropy, SGD: a step is mostly Python and kernel launches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: causal self-attention then a GELU MLP, both residual."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, 4 * width)
+        self.act = nn.GELU()
+        self.out = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
+        x = x + self.proj(y)
+        return x + self.out(self.act(self.fc(self.ln2(x))))
+
+
+class TinyGPT(pl.LightningModule):
+    """A small GPT-style language model (token + position embeddings, decoder blocks, tied head)."""
+
+    def __init__(self, vocab: int = 256, context: int = 32, width: int = 64, heads: int = 4, depth: int = 2):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*(Block(width, heads) for _ in range(depth)))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.tok.weight  # tied, as in GPT-2
+
+    def training_step(self, batch, batch_idx):
+        idx, targets = batch
+        t = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        logits = self.head(self.ln(self.blocks(x)))
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-4)
+
+
+def mlp_batches(steps: int, device: str) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(64, 32, generator=g).to(device), torch.randint(0, 10, (64,), generator=g).to(device))
+            for _ in range(steps)]  # fmt: skip
+
+
+def gpt_batches(steps: int, device: str) -> list:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(steps):
+        seq = torch.randint(0, 256, (8, 33), generator=g)  # (B, T + 1): inputs and next-token targets
+        out.append((seq[:, :-1].to(device), seq[:, 1:].to(device)))
+    return out
+
+
+MODELS: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[int, str], list]]] = {
+    "mlp": (TinyMLP, mlp_batches),
+    "gpt": (TinyGPT, gpt_batches),
+}
+
+#: configuration name -> the callbacks it adds (None: bare Lightning)
+CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
+    "bare": list,
+    "Watch()": lambda: [Watch()],
+    "Watch(alerts=False, pictures=False, report=False)": lambda: [Watch(alerts=False, pictures=False, report=False)],
+    "gradients only": lambda: [GradientNormMonitor()],
+}
+
+
+# ---------------------------------------------------------------------- timing
+class StepStart(pl.Callback):
+    """First in the callback list: stamps each step's start."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.steps.append(trainer.fit_loop.epoch_loop._batches_that_stepped)  # Lightning's logging step
+        self.starts.append(time.perf_counter())
+
+
+class StepEnd(pl.Callback):
+    """Last in the callback list: stamps each step's end."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+
+
+@dataclass
+class Run:
+    """One fit: per-step seconds, the cadence of its watch (if any) and its fixed costs."""
+
+    steps: list[int]
+    times: list[float]
+    wall: float  # the whole fit()
+    start: float  # fit() call to the first step's start
+    end: float  # last step's end to fit() return
+    cadence: Cadence | None = None
+
+
+def _cadence(callbacks: list[pl.Callback]) -> Cadence | None:
+    for cb in callbacks:
+        for monitor in [*getattr(cb, "monitors", ()), cb]:
+            cadence = getattr(monitor, "_cadence", None)
+            if isinstance(cadence, Cadence):
+                return cadence
+    return None
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def fit_once(model_name: str, config: str, steps: int, device: str, root: str) -> Run:
+    make_model, _ = MODELS[model_name]
+    batches = BATCHES[(model_name, steps, device)]
+    torch.manual_seed(0)
+    model = make_model()
+    start, end = StepStart(), StepEnd()
+    watched = CONFIGS[config]()
+    trainer = pl.Trainer(
+        max_steps=steps,
+        max_epochs=1,
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        logger=pl.loggers.TensorBoardLogger(root, name=model_name),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[start, *watched, end],
+    )
+    sync(device)
+    begin = time.perf_counter()
+    trainer.fit(model, batches)
+    sync(device)
+    done = time.perf_counter()
+    times = [e - s for s, e in zip(start.starts, end.ends)]
+    return Run(
+        steps=start.steps,
+        times=times,
+        wall=done - begin,
+        start=start.starts[0] - begin,
+        end=done - end.ends[-1],
+        cadence=_cadence(watched),
+    )
+
+
+class Batches:
+    """The same in-memory batches every epoch (a plain list would read as several dataloaders)."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+BATCHES: dict[tuple[str, int, str], Batches] = {}
+
+
+# ---------------------------------------------------------------------- statistics
+def classify(step: int, cadence: Cadence) -> str:
+    if cadence.is_log_step(step):
+        return "logging"
+    if cadence.is_sample_step(step):
+        return "sampled"
+    return "plain"
+
+
+def per_class(run: Run, cadence: Cadence, warmup: int) -> dict[str, float]:
+    groups: dict[str, list[float]] = {"plain": [], "sampled": [], "logging": []}
+    for i, (step, seconds) in enumerate(zip(run.steps, run.times)):
+        if i >= warmup or classify(step, cadence) == "logging":  # logging steps are few: keep them all
+            groups[classify(step, cadence)].append(seconds)
+    return {name: statistics.median(v) if v else math.nan for name, v in groups.items()}
+
+
+@dataclass
+class Result:
+    model: str
+    config: str
+    bare_plain_us: list[float] = field(default_factory=list)
+    extra_us: dict[str, list[float]] = field(default_factory=lambda: {"plain": [], "sampled": [], "logging": []})
+    mean_extra_us: list[float] = field(default_factory=list)
+    end_extra_ms: list[float] = field(default_factory=list)
+    start_extra_ms: list[float] = field(default_factory=list)
+    whole_run_ratio: list[float] = field(default_factory=list)
+    cadence: str = ""
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 0) -> str:
+    values = [v * scale for v in values if math.isfinite(v)]
+    if not values:
+        return "-"
+    med, lo, hi = statistics.median(values), min(values), max(values)
+    fmt = f"{{:+.{digits}f}}"
+    return f"{fmt.format(med)} ({fmt.format(lo)}..{fmt.format(hi)})"
+
+
+def ratio_spread(values: list[float]) -> str:
+    return f"x{statistics.median(values):.3f} ({min(values):.3f}..{max(values):.3f})" if values else "-"
+
+
+def markdown(results: list[Result], meta: dict) -> str:
+    lines = [
+        f"Step cost over bare Lightning: {meta['device']}, torch {meta['torch']}, lightning {meta['lightning']}, "
+        f"{meta['rounds']} rounds of {meta['steps']} steps, {meta['date']}; median (min..max) over rounds.",
+        "",
+        "| model | configuration | bare plain step | extra per plain step | extra per sampled step "
+        "| extra per logging step | mean extra over all steps | end of fit extra | whole-run ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        cells = [
+            r.model,
+            f"`{r.config}`",
+            f"{statistics.median(r.bare_plain_us):.0f} µs",
+            *(f"{spread(r.extra_us[name])} µs" for name in ("plain", "sampled", "logging")),
+            f"{spread(r.mean_extra_us)} µs",
+            f"{spread(r.end_extra_ms, digits=1)} ms",
+            ratio_spread(r.whole_run_ratio),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    cadences = {f"`{r.config}`: {r.cadence}" for r in results}
+    lines += ["", "Step classes follow each watched run's cadence: " + "; ".join(sorted(cadences)) + "."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "gpt"])
+    parser.add_argument("--configs", nargs="+", choices=[c for c in CONFIGS if c != "bare"],
+                        default=[c for c in CONFIGS if c != "bare"])  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=5, help="first steps of a run left out of the per-step figures")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 60 steps: a smoke run")
+    parser.add_argument("--out", help="write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps = 2, 60
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"`--device` {args.device!r} needs CUDA, which is not available here")
+    if args.device not in ("cpu",) and not args.device.startswith("cuda"):
+        parser.error(f"`--device` must be cpu or cuda, got {args.device!r}")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_watch", "lightning_watch.alerts"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # alerts and tips would interleave with the table
+
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as root:
+        for model in args.models:
+            BATCHES[(model, args.steps, args.device)] = Batches(MODELS[model][1](args.steps, args.device))
+            fit_once(model, "Watch()", args.steps, args.device, root)  # warm-up: discarded
+            by_config = {c: Result(model, c) for c in args.configs}
+            for round_ in range(args.rounds):
+                for config in args.configs:
+                    bare = fit_once(model, "bare", args.steps, args.device, root)
+                    run = fit_once(model, config, args.steps, args.device, root)
+                    cadence = run.cadence or Cadence.resolve(_TrainerLike(), None, None)
+                    r = by_config[config]
+                    r.cadence = f"log every {cadence.log}, sample every {cadence.sample}"
+                    b, w = per_class(bare, cadence, args.warmup), per_class(run, cadence, args.warmup)
+                    r.bare_plain_us.append(b["plain"] * 1e6)
+                    for name in r.extra_us:
+                        r.extra_us[name].append((w[name] - b[name]) * 1e6)
+                    r.mean_extra_us.append((statistics.fmean(run.times) - statistics.fmean(bare.times)) * 1e6)
+                    r.end_extra_ms.append((run.end - bare.end) * 1e3)
+                    r.start_extra_ms.append((run.start - bare.start) * 1e3)
+                    r.whole_run_ratio.append(run.wall / bare.wall)
+                print(f"{model}: round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+            results += by_config.values()
+    threads = f"{args.threads} thread{'s' * (args.threads != 1)}"
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch on {threads})"
+    meta = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu,
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    }
+    print(markdown(results, meta))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, "results": [r.__dict__ for r in results]}, f, indent=2)
+    return 0
+
+
+class _TrainerLike:
+    """Lightning's defaults, for a configuration whose callbacks expose no cadence."""
+
+    log_every_n_steps = 50
+    fast_dev_run = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
