@@ -81,6 +81,8 @@ class RunData:
             parsed = parse_tag(tag)
             if parsed is not None and parsed[1] is not None:
                 per_metric.setdefault(parsed[0], []).append((parsed[1], points))
+            elif parsed is not None and points:  # whole-model values count as a logged step too
+                hist.last_step = max(hist.last_step, max(int(step) for step, _ in points))
         for metric in hist.metrics:
             hist.merge_order(module for module, _ in per_metric.get(metric, []))
         for metric, series in per_metric.items():

@@ -117,6 +117,8 @@ class History:
 
     def add_snapshot(self, snapshot) -> None:
         """Record the per-module values of one :class:`~lightning_watch.snapshot.Snapshot`."""
+        if snapshot.global_ or snapshot.per_module:  # whole-model values count as a logged step too
+            self.last_step = max(self.last_step, int(snapshot.step))
         for metric in self.metrics:
             self.merge_order(snapshot.modules(metric))
             for module, value in snapshot.modules(metric).items():
