@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, regression_loader
+from helpers import TinyRegressor, make_trainer, regression_loader
 from torch import nn
 
 from lightning_watch import ActivationScaleMonitor, DeadUnitMonitor, GradientNormMonitor, ParameterDeltaMonitor, Watch
@@ -61,7 +61,7 @@ def test_resolve(kwargs, expected):
 def test_resolve_type_names():
     assert resolve_type("Linear") is nn.Linear
     assert resolve_type("torch.nn.Conv2d") is nn.Conv2d
-    assert resolve_type("conftest.TinyRegressor") is TinyRegressor  # a user's own class by dotted path
+    assert resolve_type("helpers.TinyRegressor") is TinyRegressor  # a user's own class by dotted path
     assert resolve_type(nn.GRU) is nn.GRU
 
 

@@ -1,428 +1,71 @@
-"""EarlyAlerts: sinks read back independently, dedupe, actions, configuration errors, resume, DDP."""
+"""AlertEngine without a Trainer: snapshots in, findings out; the ledger, history and checkpoint state."""
 
 from __future__ import annotations
 
 import json
-import logging
-import math
-import os
-import warnings
-from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
-import torch
-from conftest import join_two_process_group, make_trainer
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_watch import Alert, EarlyAlerts, GradientNormMonitor, Watch
-from lightning_watch.alerts import AlertError, AlertLedger, AlertWarning, RuleContext
-from lightning_watch.hub import StatHub
+from lightning_watch import WatchWarning
+from lightning_watch.alerts import AlertConfig, AlertEngine
 from lightning_watch.snapshot import Snapshot
 
 
-class Net(pl.LightningModule):
-    """A small classifier; ``bad_lr`` makes the loss NaN within a few steps."""
-
-    def __init__(self, lr: float = 1e-3, opt: str = "adam"):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-        self.lr, self.opt = lr, opt
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        cls = torch.optim.SGD if self.opt == "sgd" else torch.optim.Adam
-        return cls(self.parameters(), lr=self.lr)
-
-
-def data(n=256, batch_size=16, shuffle=True):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 8, generator=g)
-    y = (x[:, :3]).argmax(1)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
-
-
-def nan_model():
-    torch.manual_seed(0)
-    return Net(lr=1e8, opt="sgd")
-
-
-def fit(trainer, model, loader):
-    pl.seed_everything(0, verbose=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, loader)
-
-
-# ---------------------------------------------------------------------- sinks
-def test_alerts_reach_jsonl_tensorboard_and_logging(tmp_path, caplog):
-    watch = Watch(log_every_n_steps=5)
-    trainer = make_trainer(tmp_path, [watch], max_steps=20, log_every_n_steps=5)
-    with caplog.at_level(logging.INFO, logger="lightning_watch.alerts"):
-        fit(trainer, nan_model(), data(shuffle=False))
-    raised = watch.alerts
-    assert {"non_finite_loss", "unshuffled_data"} <= {a.code for a in raised}
-
-    # alerts.jsonl: one strict JSON object per raised alert, in order, in the logger's directory
-    lines = (Path(trainer.log_dir) / "alerts.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    assert [r["code"] for r in records] == [a.code for a in raised]
-    nan_loss = next(r for r in records if r["code"] == "non_finite_loss")
-    assert nan_loss["severity"] == "error" and nan_loss["module"] is None and nan_loss["hint"]
-    assert set(nan_loss) >= {"code", "severity", "step", "epoch", "module", "value", "threshold", "message", "hint"}
-
-    # TensorBoard text, read with TensorBoard's own reader (text plugin tensors)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(trainer.log_dir, size_guidance={"tensors": 0})
-    acc.Reload()
-    assert "alerts/non_finite_loss/text_summary" in acc.Tags()["tensors"]
-    event = acc.Tensors("alerts/non_finite_loss/text_summary")[0]
-    text = event.tensor_proto.string_val[0].decode()
-    assert "non_finite_loss" in text and "gradient clipping" in text and event.step == nan_loss["step"]
-
-    # logging: one record per alert, at the alert's severity
-    ours = [r for r in caplog.records if r.name == "lightning_watch.alerts" and "] " in r.getMessage()]
-    assert [r.getMessage().split("]")[0][1:] for r in ours[: len(raised)]] == [a.severity for a in raised]
-    assert any(r.levelno == logging.ERROR and "non_finite_loss" in r.getMessage() for r in ours)
-
-
-def test_nan_loss_is_caught_within_a_few_steps_between_logging_steps(tmp_path):
-    # logging every 50 steps; the guard still reports the NaN in the step it appears (CPU)
-    watch = Watch(log_every_n_steps=50)
-    losses = []
-
-    class Recorder(pl.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            losses.append(outputs["loss"].item())
-
-    trainer = make_trainer(tmp_path, [watch, Recorder()], max_steps=30, logger=False)
-    fit(trainer, nan_model(), data())
-    first_bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
-    alert = next(a for a in watch.alerts if a.code == "non_finite_loss")
-    assert first_bad <= alert.step <= first_bad + 3 < 49
-
-
-def test_warnings_once_per_code_and_module_and_no_spam(tmp_path):
-    watch = Watch(log_every_n_steps=2)
-    trainer = make_trainer(tmp_path, [watch], max_steps=40, logger=False)
-    pl.seed_everything(0, verbose=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(nan_model(), data())
-    ours = [w for w in caught if issubclass(w.category, AlertWarning)]
-    keys = [a.key for a in watch.alerts if a.severity != "info"]
-    # twenty logging steps of NaN: each symptom raised once, warned once
-    assert len(keys) == len(set(keys))
-    assert len(ours) == len(set(keys))
-    assert sum(a.code == "non_finite_loss" for a in watch.alerts) == 1
-
-
-def _alert(code="dead_units", value=0.8, severity="warning", module="fc"):
-    return Alert(code, severity, 1, 0, module, value, 0.7, "m", "h")
-
-
-def test_ledger_reraises_only_when_worse_or_back_after_clearing():
-    def raised_again(first, second):
-        ledger = AlertLedger()
-        ledger.update([first], {first.code})
-        return bool(ledger.update([second], {first.code}))
-
-    assert not raised_again(_alert(value=0.8), _alert(value=0.9))
-    assert raised_again(_alert(value=0.8), _alert(value=1.0, severity="error"))
-    assert raised_again(_alert("exploding_gradients", 1.5e3), _alert("exploding_gradients", 2e4))
-    assert raised_again(_alert("vanishing_gradients", 1e-4), _alert("vanishing_gradients", 1e-7))
-    assert not raised_again(_alert("vanishing_gradients", 1e-4), _alert("vanishing_gradients", 1e-3))
-
-    ledger = AlertLedger()
-    raised = []
-    raised += ledger.update([_alert()], {"dead_units"})
-    raised += ledger.update([_alert(value=0.85)], {"dead_units"})  # same: no new alert
-    raised += ledger.update([], {"dead_units"})
-    raised += ledger.update([_alert()], {"dead_units"})  # absent once: not cleared yet
-    assert len(raised) == 1
-    raised += ledger.update([], {"dead_units"})
-    raised += ledger.update([], {"dead_units"})  # absent twice: cleared
-    assert ledger.active() == []
-    raised += ledger.update([_alert()], {"dead_units"})
-    assert len(raised) == 2 and ledger.active() == [("dead_units", "fc")]
-
-
-# ---------------------------------------------------------------------- actions
-def test_stop_action_stops_cleanly_and_saves_checkpoint(tmp_path):
-    alerts = EarlyAlerts(actions={"non_finite_loss": "stop"}, log_every_n_steps=5)
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = make_trainer(tmp_path, [alerts, ckpt], max_steps=200, enable_checkpointing=True, log_every_n_steps=5)
-    fit(trainer, nan_model(), data(n=4096))
-    stop = alerts.stop_alert
-    assert stop is not None and stop.code == "non_finite_loss"
-    assert trainer.should_stop and trainer.global_step <= stop.step + 2 < 200
-    assert trainer.state.status == "finished"
-    assert (tmp_path / "ckpt" / "last.ckpt").exists()
-    # the logger was finalized: the event file is complete and readable
-    assert (Path(trainer.log_dir) / "alerts.jsonl").exists()
-
-
-def test_raise_action_raises_an_exception_carrying_the_alert(tmp_path):
-    watch = Watch(alerts=EarlyAlerts(actions={"non_finite_loss": "raise"}))
-    trainer = make_trainer(tmp_path, [watch], max_steps=100, logger=False)
-    pl.seed_everything(0, verbose=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(AlertError, match="non_finite_loss") as info:
-            trainer.fit(nan_model(), data())
-    assert info.value.alert.code == "non_finite_loss" and info.value.alert.severity == "error"
-    assert info.value.alert is watch.alerts[-1]
-
-
-# ---------------------------------------------------------------------- configuration
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        (
-            {"actions": {"dead_unit": "stop"}},
-            r"`actions` key must be an alert code, got 'dead_unit'\. Valid codes: non_fin",
-        ),
-        (
-            {"actions": {"dead_units": "halt"}},
-            r"`actions\['dead_units'\]` must be one of 'warn', 'stop', 'raise', got 'halt'\.",
-        ),
-        ({"default_action": "log"}, r"`default_action` must be one of 'warn', 'stop', 'raise', got 'log'\."),
-        (
-            {"settings": {"dead_units": {"threshold": -0.1}}},
-            r"`settings\['dead_units'\]\['threshold'\]` must be a non-negative number, got -0\.1\.",
-        ),
-        (
-            {"settings": {"dead_units": {"patience": 0}}},
-            r"`settings\['dead_units'\]\['patience'\]` must be a positive integer, got 0\.",
-        ),
-        (
-            {"settings": {"dead_units": {"thresh": 0.5}}},
-            r"is not a setting of 'dead_units'; valid settings: threshold, patience\.",
-        ),
-        ({"settings": {"nope": False}}, r"`settings` key must be an alert code, got 'nope'"),
-        ({"rules": [42]}, r"`rules` must be callables"),
-    ],
-)
-def test_bad_configuration_is_an_error_at_construction(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        EarlyAlerts(**kwargs)
-
-
-def test_watch_rejects_bad_alerts_and_double_use(tmp_path):
-    with pytest.raises(ValueError, match=r"`alerts` must be True, False or an EarlyAlerts, got 'yes'\."):
-        Watch(alerts="yes")
-    shared = EarlyAlerts()
-    trainer = make_trainer(tmp_path, [Watch(alerts=shared), shared], max_steps=1, logger=False)
-    with pytest.raises(ValueError, match="not both"):
-        fit(trainer, Net(), data())
-
-
-def test_disabled_codes_and_user_rules(tmp_path):
-    seen = []
-
-    def loss_above(snapshot: Snapshot, context: RuleContext):
-        seen.append(snapshot.step)
-        if snapshot.get("loss") > 0:
-            yield context.alert("loss_positive", snapshot, None, snapshot.get("loss"), 0.0, "Loss > 0.", "None.")
-
-    loss_above.codes = ("loss_positive",)
-    alerts = EarlyAlerts(rules=[loss_above], settings={"unshuffled_data": False}, actions={"loss_positive": "warn"})
-    watch = Watch(alerts=alerts, log_every_n_steps=4)
-    trainer = make_trainer(tmp_path, [watch], max_steps=12, logger=False)
-    fit(trainer, Net(), data(shuffle=False))
-    assert seen == [3, 7, 11]
-    assert [a.code for a in watch.alerts if a.code != "unseeded_run"] == ["loss_positive"]  # once, no spam
-
-
-def test_standalone_early_alerts_builds_its_own_statistics(tmp_path):
-    alerts = EarlyAlerts(log_every_n_steps=5)
-    trainer = make_trainer(tmp_path, [alerts], max_steps=20, log_every_n_steps=5)
-    fit(trainer, nan_model(), data())
-    assert "non_finite_loss" in {a.code for a in alerts.alerts}
-    assert "non_finite_gradients" in {a.code for a in alerts.alerts}  # needs the gradient monitor
-
-
-def _points(log_dir) -> dict[tuple[str, int], list[float]]:
-    """Every scalar point written under ``log_dir``: ``(tag, step) -> values``, read with TensorBoard's reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    points: dict[tuple[str, int], list[float]] = {}
-    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            for event in acc.Scalars(tag):
-                points.setdefault((tag, event.step), []).append(event.value)
-    return points
-
-
-@pytest.mark.parametrize("alerts_first", [False, True], ids=["monitor-first", "alerts-first"])
-def test_standalone_early_alerts_reads_a_standalone_monitor_instead_of_writing_twice(tmp_path, alerts_first):
-    def run(name, model, with_alerts=True):
-        grads, alerts = GradientNormMonitor(log_every_n_steps=5), EarlyAlerts(log_every_n_steps=5)
-        callbacks = ([alerts, grads] if alerts_first else [grads, alerts]) if with_alerts else [grads]
-        trainer = make_trainer(tmp_path / name, callbacks, max_steps=20, log_every_n_steps=5)
-        fit(trainer, model, data())
-        return trainer, grads, alerts, _points(tmp_path / name)
-
-    # the same run with the gradient monitor alone: what it writes is the reference
-    torch.manual_seed(0)
-    _, _, _, alone = run("alone", Net(), with_alerts=False)
-    reference = {key: values for key, values in alone.items() if key[0].startswith("watch/")}
-    assert reference and all(math.isfinite(v) for values in reference.values() for v in values)
-
-    torch.manual_seed(0)
-    trainer, grads, alerts, points = run("both", Net())
-    assert {key: len(v) for key, v in points.items() if len(v) > 1} == {}  # each (tag, step) once
-    # the gradient points are the standalone monitor's, unchanged
-    assert {key for key in points if "/grad_" in key[0]} == set(reference)
-    assert all(points[key] == values for key, values in reference.items())
-    # the families nobody else measures are still written by the alerts' own statistics
-    assert ("watch/update_ratio/net.0", 4) in points and ("watch/global/loss", 4) in points
-    # the rules saw the monitor's gradients in the same snapshot as the rest of the step
-    last = alerts.engine.history[-1]
-    assert last.step == grads.last_snapshot.step == 14  # 16 batches, a write every 5 steps
-    assert last.modules("grad_norm") == grads.last_snapshot.modules("grad_norm") != {}
-    assert last.modules("update_ratio") and math.isfinite(last.get("loss"))
-    assert StatHub.for_trainer(trainer).members == []  # every member left the hub at the end of fit
-
-    # and alert on them: NaN gradients are only measured by the user's monitor here
-    _, grads, alerts, points = run("nan", nan_model())
-    assert {key: len(v) for key, v in points.items() if len(v) > 1} == {}
-    assert "non_finite_gradients" in {a.code for a in alerts.alerts}
-
-
-# ---------------------------------------------------------------------- resume
-def test_state_dict_round_trip_resumes_without_duplicates(tmp_path):
-    watch = Watch(log_every_n_steps=5)
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = make_trainer(tmp_path, [watch, ckpt], max_epochs=1, logger=False, enable_checkpointing=True)
-    fit(trainer, Net(), data(shuffle=False))
-    before = [a.to_dict() for a in watch.alerts]
-    assert "unshuffled_data" in {a["code"] for a in before}
-    state = watch.state_dict()["EarlyAlerts"]
-    assert json.loads(json.dumps(state))  # plain, JSON-able
-
-    resumed = Watch(log_every_n_steps=5)
-    trainer = make_trainer(tmp_path, [resumed, ckpt], max_epochs=2, logger=False, enable_checkpointing=True)
-    fit_kwargs = {"ckpt_path": str(tmp_path / "ckpt" / "last.ckpt")}
-    pl.seed_everything(0, verbose=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Net(), data(shuffle=False), **fit_kwargs)
-    after = [a.to_dict() for a in resumed.alerts]
-    assert after[: len(before)] == before  # restored
-    keys = [(a["code"], a["module"]) for a in after]
-    assert len(keys) == len(set(keys))  # the fit-start checks did not raise again
-    # the rules' history continues where it stopped: 3 restored + 3 new snapshots
-    assert [s.step for s in resumed.early_alerts.engine.history] == [4, 9, 14, 19, 24, 29]
-
-
-# ---------------------------------------------------------------------- DDP
-def _rank_one_rule(snapshot, context):
-    if torch.distributed.get_rank() == 1 and snapshot.step >= 3:
-        yield context.alert("rank_local", snapshot, None, 1.0, 0.0, "Only rank 1 sees this.", "None.")
-
-
-_rank_one_rule.codes = ("rank_local",)
-
-
-def _ddp_worker(rank: int, out: str, port: int) -> None:
-    join_two_process_group(rank, port)
-    try:
-        results = {}
-        # a finding on one rank only: the stop is agreed, so both ranks stop at the same step
-        watch = Watch(alerts=EarlyAlerts(rules=[_rank_one_rule], actions={"rank_local": "stop"}), log_every_n_steps=2)
-        trainer = make_trainer(Path(out) / "rank", [watch], strategy="ddp", devices=2, max_steps=50, logger=False)
-        fit(trainer, Net(), data(n=1024))
-        results["local"] = (trainer.global_step, trainer.should_stop, [a.code for a in watch.alerts])
-        # a pathology every rank sees: NaN loss, stop agreed
-        watch = Watch(alerts=EarlyAlerts(actions={"non_finite_loss": "stop"}), log_every_n_steps=2)
-        trainer = make_trainer(Path(out) / "nan", [watch], strategy="ddp", devices=2, max_steps=50, log_every_n_steps=2)
-        fit(trainer, nan_model(), data(n=1024))
-        results["nan"] = (trainer.global_step, trainer.should_stop, [a.code for a in watch.alerts])
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_ddp_two_processes_agree_on_stop(tmp_path):
-    from lightning.fabric.plugins.environments.lightning import find_free_network_port
-
-    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path), find_free_network_port()), nprocs=2)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    # rank-local finding: both ranks stopped at the same step, well before max_steps
-    assert r0["local"][0] == r1["local"][0] < 50 and r0["local"][1] and r1["local"][1]
-    assert "rank_local" in r1["local"][2] and "rank_local" not in r0["local"][2]
-    # shared pathology: both stop at the same step
-    assert r0["nan"][0] == r1["nan"][0] < 50 and r0["nan"][1] and r1["nan"][1]
-    assert "non_finite_loss" in r0["nan"][2]
-    lines = [json.loads(x) for x in next((tmp_path / "nan").rglob("alerts.jsonl")).read_text().splitlines()]
-    assert sum(r["code"] == "non_finite_loss" for r in lines) == 1  # written once, by rank zero
-
-
-# ---------------------------------------------------------------------- one-time checks
-def test_batch_mixing_check_leaves_the_model_and_rng_untouched():
-    from lightning_watch.alerts.checks import check_batch_mixing
-
-    class Mixer(nn.Module):
-        """BatchNorm, dropout and an RNN over the batch axis (a (B, T, F) tensor given to batch_first=False)."""
-
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.BatchNorm1d(4)
-            self.drop = nn.Dropout(0.5)
-            self.rnn = nn.GRU(4, 4)
-
-        def forward(self, x):
-            h = self.drop(self.bn(x.transpose(1, 2)).transpose(1, 2))
-            return self.rnn(h)[0][:, -1]
-
-    torch.manual_seed(0)
-    model = Mixer().train()
-    model.drop.eval()  # a module the user put in eval mode on purpose stays so
-    x = torch.randn(6, 5, 4)
-    model(x).sum().backward()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    rng = torch.get_rng_state()
-    found = check_batch_mixing(RuleContext(), Snapshot(0, 0), model, (x, None))
-    assert [a.code for a in found] == ["batch_mixing"]
-    assert found[0].extra["affected_sample"] > found[0].extra["perturbed_sample"]  # the RNN runs forward
-    assert model.training and model.bn.training and not model.drop.training
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # BN running stats too
-    assert all(torch.equal(g, p.grad) for (_, p), g in zip(model.named_parameters(), grads.values()))
-    assert torch.equal(rng, torch.get_rng_state())
-    # the same layers used with the right layout do not mix samples
-    model.rnn.batch_first = True
-    assert check_batch_mixing(RuleContext(), Snapshot(0, 0), model, (x, None)) == []
-
-
-def test_mixing_backward_along_the_batch_is_seen_from_the_last_sample():
-    from lightning_watch.alerts.checks import check_batch_mixing
-
-    class Reverse(nn.Module):
-        def forward(self, x):  # sample i depends on samples after it only: sample 0 perturbed changes nothing
-            return x.flip(0).cumsum(0).flip(0)
-
-    found = check_batch_mixing(RuleContext(), Snapshot(0, 0), Reverse(), torch.randn(5, 3))
-    assert found and found[0].extra["affected_sample"] < found[0].extra["perturbed_sample"]
-
-
-def test_small_batch_norm_counts_the_global_batch_for_sync_batch_norm():
-    from lightning_watch.alerts.checks import check_batch_norm
-
-    ctx, at = RuleContext(), Snapshot(0, 0)
-    assert [a.module for a in check_batch_norm(ctx, at, {"bn1": (4, False), "bn2": (16, False)}, 1)] == ["bn1"]
-    assert check_batch_norm(ctx, at, {"bn": (4, True)}, world_size=2) == []  # 8 samples over 2 ranks
-    assert check_batch_norm(ctx, at, {"bn": (4, False)}, world_size=2)  # plain BN: 4 per device
+def dead(step: int, fraction: float, module: str = "fc1") -> Snapshot:
+    snapshot = Snapshot(step=step, epoch=0)
+    snapshot.put("dead_frac", fraction, module=module)
+    return snapshot
+
+
+def engine_for(**kwargs) -> AlertEngine:
+    return AlertEngine(AlertConfig.from_args(settings={"dead_units": {"patience": 1}}, **kwargs))
+
+
+def test_a_builtin_finding_is_raised_once_with_its_action_and_shared_by_every_rank():
+    engine = engine_for(actions={"dead_units": "stop"})
+    first = engine.evaluate(dead(9, 0.9))
+    assert [(f.alert.code, f.alert.module, f.action, f.shared) for f in first] == [("dead_units", "fc1", "stop", True)]
+    assert first[0].alert.step == 9 and first[0].alert.value == pytest.approx(0.9)
+    assert engine.evaluate(dead(19, 0.9)) == []  # the ledger raised it already
+    assert engine.alerts == [first[0].alert]
+    assert engine.ledger.active() == [("dead_units", "fc1")]
+    assert [s.step for s in engine.history] == [9, 19]
+
+
+def test_disabled_codes_are_neither_evaluated_nor_recorded():
+    engine = AlertEngine(AlertConfig.from_args(settings={"dead_units": False}))
+    assert engine.evaluate(dead(9, 0.9)) == []
+    alert = engine_for().context().alert("dead_units", dead(9, 0.9), "fc1", 0.9, 0.7, "m", "h")
+    assert engine.record([alert]) == [] and engine.alerts == []  # findings from outside the rules too
+
+
+def test_user_rule_findings_are_rank_local_and_a_failing_rule_is_skipped_with_one_warning():
+    def always(snapshot, context):
+        yield context.alert("mine", snapshot, None, 1.0, 0.0, "Mine.", "None.")
+
+    always.codes = ("mine",)
+
+    def broken(snapshot, context):
+        raise RuntimeError("boom")
+
+    engine = AlertEngine(AlertConfig.from_args(rules=[always, broken], actions={"mine": "raise"}))
+    with pytest.warns(WatchWarning, match="boom"):
+        findings = engine.evaluate(Snapshot(step=0, epoch=0))
+    # a user's rule may read rank-local state: its finding must be agreed before acting
+    assert [(f.alert.code, f.action, f.shared) for f in findings] == [("mine", "raise", False)]
+    assert [s.step for s in engine.history] == [0]  # the snapshot is remembered despite the broken rule
+
+
+def test_state_dict_is_plain_and_a_restored_engine_does_not_raise_again():
+    engine = engine_for()
+    engine.evaluate(dead(9, 0.9))
+    engine.forward_order = ["fc1", "fc2"]
+    state = json.loads(json.dumps(engine.state_dict()))  # JSON-able: plain lists, dicts, numbers
+    restored = engine_for()
+    restored.load_state_dict(state)
+    assert [a.to_dict() for a in restored.alerts] == [a.to_dict() for a in engine.alerts]
+    assert [s.step for s in restored.history] == [9] and restored.history[0].get("dead_frac", "fc1") == 0.9
+    assert restored.forward_order == ["fc1", "fc2"]
+    assert restored.evaluate(dead(19, 0.9)) == []  # the ledger came back with the alerts
+    restored.reset()
+    assert restored.alerts == [] and list(restored.history) == [] and restored.ledger.active() == []

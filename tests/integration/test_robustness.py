@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, read_scalars, regression_loader
+from helpers import TinyRegressor, make_trainer, read_scalars, regression_loader
 from lightning.pytorch import Callback
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence

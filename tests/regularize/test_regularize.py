@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import join_two_process_group, make_trainer, read_scalars
+from helpers import join_two_process_group, make_trainer, read_scalars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
