@@ -13,14 +13,13 @@ import contextlib
 import io
 import json
 import math
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import join_two_process_group, make_trainer, read_scalars
+from helpers import join_two_process_group, make_trainer, quiet_fit, read_scalars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -94,12 +93,6 @@ class BatchNormProbe(Probe):
 
     def forward(self, x):
         return self.net(x)
-
-
-def fit(trainer: pl.Trainer, model: pl.LightningModule, loader: DataLoader | None) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, loader)
 
 
 def rank_one_rule(rank: int, first_step: int = 1):
@@ -287,7 +280,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         per_batch = _count_collectives_per_batch(watch, trainer.strategy)
         model = Probe()
         try:
-            fit(trainer, model, rank_loader(rank))
+            quiet_fit(trainer, model, rank_loader(rank))
         finally:
             restore()
         result.update(
@@ -304,7 +297,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         watch = Watch(log_every_n_steps=1, alerts=alerts)
         trainer = make_trainer(out / "stop", [watch], strategy="ddp", devices=2, logger=False, max_steps=6)
         per_batch = _count_collectives_per_batch(watch, trainer.strategy)
-        fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
+        quiet_fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
         result.update(
             stop_step=trainer.global_step,
             stop_codes=[a.code for a in watch.alerts],
@@ -320,7 +313,7 @@ def _worker(rank: int, out: str, port: int) -> None:
             out / "labels", [watch], strategy="ddp", devices=2, logger=False, max_steps=6, use_distributed_sampler=False
         )
         per_batch = _count_collectives_per_batch(watch, trainer.strategy)
-        fit(trainer, LabelProbe(), label_loader(rank))
+        quiet_fit(trainer, LabelProbe(), label_loader(rank))
         result.update(
             label_step=trainer.global_step,
             label_codes=[a.code for a in watch.alerts],
@@ -332,7 +325,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         # (`sync_batchnorm=True` cannot run here: DDP refuses SyncBatchNorm on CPU modules)
         watch = Watch(log_every_n_steps=1)
         trainer = make_trainer(out / "bn", [watch], strategy="ddp", devices=2, logger=False, max_steps=1)
-        fit(trainer, BatchNormProbe(), rank_loader(rank))
+        quiet_fit(trainer, BatchNormProbe(), rank_loader(rank))
         result["bn"] = [(a.code, a.module, a.value) for a in watch.alerts if a.code == "small_batch_norm"]
 
         # -------- the sharded reduction path, on the same gloo group
@@ -351,7 +344,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         )
         raised = None
         try:
-            fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
+            quiet_fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
         except AlertError as err:
             raised = (err.alert.code, trainer.global_step)
         torch.save(raised, out / f"raise{rank}.pt")
@@ -364,7 +357,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         per_batch = _count_collectives_per_batch(watch, trainer.strategy)
         raised = None
         try:
-            fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
+            quiet_fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
         except AlertError as err:
             raised = (err.alert.code, trainer.global_step)
         torch.save({"raised": raised, "collectives": per_batch}, out / f"raise_end{rank}.pt")
@@ -557,7 +550,7 @@ def test_ddp_spawn_writes_global_statistics_from_rank_zero(tmp_path):
         logger=logger,
         use_distributed_sampler=False,
     )
-    fit(trainer, SpawnProbe(), None)
+    quiet_fit(trainer, SpawnProbe(), None)
     assert len(list((tmp_path / "tb").rglob("events.out.tfevents.*"))) == 1
     scalars = read_scalars(tmp_path / "tb")
     refs = [reference(Probe(), k) for k in range(2)]

@@ -91,7 +91,7 @@ def test_bf16_mixed_precision_values_are_close_to_fp32(tmp_path):
         assert half == pytest.approx(full, rel=0.05), tag
 
 
-def test_fast_dev_run_and_validation_are_not_watched(tmp_path):
+def test_fast_dev_run_is_watched_every_step_and_validation_is_not(tmp_path):
     torch.manual_seed(0)
     calls = []
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import join_two_process_group, make_trainer, read_scalars
+from helpers import join_two_process_group, make_trainer, quiet_fit, read_scalars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -127,9 +127,7 @@ def run(model: Net, callbacks, tmp_path, **trainer_kw) -> list[dict[str, torch.T
     kw = {"max_epochs": 1, "logger": False}
     kw.update(trainer_kw)
     trainer = make_trainer(tmp_path, [*callbacks, recorder], **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, loader())
+    quiet_fit(trainer, model, loader())
     return recorder.steps
 
 
@@ -314,9 +312,7 @@ def test_logged_penalties_and_scale_match_closed_forms(tmp_path):
         log_every_n_steps=1,
     )
     trainer = make_trainer(tmp_path, [reg], max_epochs=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Identity(), DataLoader(TensorDataset(x), batch_size=4))
+    quiet_fit(trainer, Identity(), DataLoader(TensorDataset(x), batch_size=4))
     scalars = read_scalars(tmp_path / "tb")
     first = [(0.5 * b.abs().sum() + 0.25 * b.pow(2).sum()).item() / 4 * w for b, w in zip(batches, schedule)]
     second = [b.sum().item() for b in batches]
@@ -392,9 +388,7 @@ def test_teardown_restores_model_and_strategy(tmp_path):
     reg = ActivityRegularizer({"encoder.*": {"l2": 1e-3}})
     trainer = make_trainer(tmp_path, [reg], logger=False)
     class_backward = type(trainer.strategy).backward
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, loader())
+    quiet_fit(trainer, model, loader())
     assert reg.module_names == []
     assert all(not m._forward_hooks for m in model.modules())
     assert "backward" not in vars(trainer.strategy)
@@ -404,9 +398,7 @@ def test_teardown_restores_model_and_strategy(tmp_path):
     assert torch.equal(restored.head(restored.squash(restored.encoder(x))), model.head(model.squash(model.encoder(x))))
     # a second fit with the same callback penalizes again, exactly once
     second = make_trainer(tmp_path, [reg], logger=False, max_steps=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        second.fit(model, loader())
+    quiet_fit(second, model, loader())
     assert "backward" not in vars(second.strategy)
 
 
@@ -465,9 +457,7 @@ def test_bad_rules_fail_at_construction(rules, message):
 
 def fit_quietly(tmp_path, model, reg, **kw):
     trainer = make_trainer(tmp_path, [reg], logger=False, max_steps=2, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, loader())
+    quiet_fit(trainer, model, loader())
     return trainer
 
 
@@ -535,9 +525,7 @@ def _ddp_worker(rank: int, out: str, port: int) -> None:
             reg = ActivityRegularizer({"encoder.fc2": {"l1": L1, "l2": L2}}, log_every_n_steps=1)
             for name, model, callbacks in (("callback", base, [reg]), ("hand", hand, [])):
                 trainer = make_trainer(Path(out) / f"{mode}-{name}", callbacks, strategy="ddp", devices=2, logger=False)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    trainer.fit(model, loader(n=32, batch_size=8))  # 2 steps of 2 x 8 samples
+                quiet_fit(trainer, model, loader(n=32, batch_size=8))  # 2 steps of 2 x 8 samples
                 results[(mode, name)] = final_parameters(model)
             results[(mode, "logged")] = reg.last_snapshot.get("activity_penalty", "encoder.fc2")
         if rank == 0:
@@ -559,9 +547,7 @@ def test_ddp_two_processes_match_hand_written_penalty(tmp_path):
     torch.manual_seed(0)
     plain = Net()
     trainer = make_trainer(tmp_path / "plain", [], logger=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(plain, loader(n=32, batch_size=16))
+    quiet_fit(trainer, plain, loader(n=32, batch_size=16))
     without = final_parameters(plain)
     for mode in ("auto", "manual"):
         got, want = results[(mode, "callback")], results[(mode, "hand")]
@@ -624,9 +610,7 @@ def test_activity_penalty_unsaturates_the_sigmoid_where_weight_decay_cannot(tmp_
         model = SaturatedSigmoid(weight_decay)
         before = saturation(model, x)
         trainer = make_trainer(tmp_path / name, callbacks, max_epochs=3)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(model, data)
+        quiet_fit(trainer, model, data)
         results[name] = (before, saturation(model, x))
     for before, _ in results.values():
         assert before[0] == 1.0 and before[1] > 100  # every sigmoid output saturated, |fc1| ~ 115
