@@ -135,3 +135,19 @@ def test_watch_passes_one_selection_to_every_monitor(tmp_path):
     make_trainer(tmp_path, [watch], max_steps=1).fit(TinyRegressor(), regression_loader())
     for monitor in watch.monitors:
         assert monitor.module_names == ["net.0", "net.1"], type(monitor).__name__
+
+
+def test_a_pattern_matching_nothing_fails_at_fit_start_naming_it(tmp_path):
+    trainer = make_trainer(tmp_path, [GradientNormMonitor(include="encoder.*")], max_steps=1)
+    with pytest.raises(ValueError, match=r"`include` pattern 'encoder.\*' matches no module .*'net.0'"):
+        trainer.fit(TinyRegressor(), regression_loader())
+
+
+def test_selection_by_glob_type_name_and_exclude(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    by_type = ActivationScaleMonitor(types=["torch.nn.Tanh", nn.ReLU])
+    by_glob = GradientNormMonitor(include="net.*", exclude="net.4")
+    make_trainer(tmp_path, [by_type, by_glob], max_steps=1).fit(TinyRegressor(net=net), regression_loader())
+    assert by_type.module_names == ["net.1", "net.3"]
+    assert by_glob.module_names == ["net.0", "net.1", "net.2", "net.3"]

@@ -160,3 +160,18 @@ def test_activation_scale_matches_reference_over_the_window(tmp_path):
         assert scalars[f"watch/act_saturated_frac/{name}"][0][1] == pytest.approx(saturated, abs=1e-9)
     assert scalars["watch/act_saturated_frac/net.3"][0][1] > 0
     assert "watch/act_saturated_frac/net.0" not in scalars  # a Linear has no asymptotes
+
+
+def test_validation_activations_when_asked(tmp_path):
+    torch.manual_seed(0)
+    model = TinyRegressor()
+    monitor = ActivationScaleMonitor(validation=True, log_every_n_steps=2)
+    trainer = make_trainer(tmp_path, [monitor], max_epochs=1)
+    val = regression_loader(seed=1)
+    trainer.fit(model, regression_loader(), val)
+    scalars = read_scalars(trainer.logger.log_dir)
+    x = torch.cat([xb for xb, _ in val])
+    with torch.no_grad():
+        expected = float(model.net[0](x).square().mean().sqrt())
+    assert scalars["watch/val_act_rms/net.0"][-1][1] == pytest.approx(expected, rel=1e-5)
+    assert all(not m._forward_hooks for m in model.modules())
