@@ -137,7 +137,7 @@ def test_watch_passes_one_selection_to_every_monitor(tmp_path):
         assert monitor.module_names == ["net.0", "net.1"], type(monitor).__name__
 
 
-def test_a_pattern_matching_nothing_fails_at_fit_start_naming_it(tmp_path):
+def test_a_standalone_monitor_pattern_matching_nothing_fails_at_fit_start_naming_a_valid_module(tmp_path):
     trainer = make_trainer(tmp_path, [GradientNormMonitor(include="encoder.*")], max_steps=1)
     with pytest.raises(ValueError, match=r"`include` pattern 'encoder.\*' matches no module .*'net.0'"):
         trainer.fit(TinyRegressor(), regression_loader())

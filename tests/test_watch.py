@@ -10,7 +10,7 @@ from helpers import TinyRegressor, make_trainer, read_scalars, regression_loader
 from lightning_watch import ActivationScaleMonitor, DeadUnitMonitor, GradientNormMonitor, ParameterDeltaMonitor, Watch
 
 
-def test_watch_equals_the_monitors_alone(tmp_path):
+def test_watch_logs_exactly_what_the_four_monitors_log_alone(tmp_path):
     """Watch shares hooks and one read, but must log exactly what each monitor logs alone."""
     torch.manual_seed(0)
     model = TinyRegressor()

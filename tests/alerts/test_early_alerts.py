@@ -190,7 +190,7 @@ def test_watch_rejects_bad_alerts_and_double_use(tmp_path):
         quiet_fit(trainer, Net(), data(), seed=0)
 
 
-def test_disabled_codes_and_user_rules(tmp_path):
+def test_a_user_rule_runs_each_logging_step_and_raises_once_and_a_disabled_code_never(tmp_path):
     seen = []
 
     def loss_above(snapshot: Snapshot, context: RuleContext):

@@ -65,7 +65,7 @@ def test_hardtanh_uses_its_own_bounds(tmp_path):
     assert expected > 0.3  # most of N(0, 1)-ish pre-activations are clipped at ±0.5
 
 
-def test_nonfinite_fraction(tmp_path):
+def test_nonfinite_fraction_counts_inf_and_nan_entries_and_shows_nan(tmp_path):
     class Poison(nn.Module):
         def forward(self, x):
             x = x.clone()
@@ -162,7 +162,7 @@ def test_activation_scale_matches_reference_over_the_window(tmp_path):
     assert "watch/act_saturated_frac/net.0" not in scalars  # a Linear has no asymptotes
 
 
-def test_validation_activations_when_asked(tmp_path):
+def test_validation_activations_when_asked_equal_a_forward_over_the_validation_set(tmp_path):
     torch.manual_seed(0)
     model = TinyRegressor()
     monitor = ActivationScaleMonitor(validation=True, log_every_n_steps=2)

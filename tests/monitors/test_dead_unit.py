@@ -157,7 +157,7 @@ def test_relu6_units_die_too(tmp_path):
     assert dead_fracs(read_scalars(trainer.logger.log_dir), "net.1") == [0.25]
 
 
-def test_dead_channels_of_a_conv_net(tmp_path):
+def test_dead_conv_channels_at_every_logging_step_behind_a_lazy_head(tmp_path):
     class ConvNet(TinyRegressor):
         def __init__(self):
             super().__init__(net=nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(1)), lr=0.01)

@@ -105,7 +105,7 @@ def test_nonfinite_gradient_values_are_counted_exactly(tmp_path):
     assert math.isfinite(scalars["watch/grad_norm/net.3"][0][1])
 
 
-def test_per_parameter_tags(tmp_path):
+def test_per_parameter_norms_are_tagged_by_name_and_equal_the_reference(tmp_path):
     torch.manual_seed(0)
     model = TinyRegressor()
     net = copy.deepcopy(model.net)

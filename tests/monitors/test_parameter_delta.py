@@ -166,7 +166,7 @@ def test_the_transient_copy_exists_only_inside_the_logging_step(tmp_path):
     assert monitor._before is None
 
 
-def test_sgd_update_is_lr_times_gradient(tmp_path):
+def test_sgd_update_is_lr_times_gradient_and_param_norm_is_taken_before_the_step(tmp_path):
     torch.manual_seed(0)
     lr = 0.05
     ref = RecordGrads()
