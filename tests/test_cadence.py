@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, read_scalars, regression_loader
+from helpers import TinyRegressor, make_trainer, read_scalars, regression_loader
 
 from lightning_watch import ActivityRegularizer, GradientNormMonitor, Watch
 from lightning_watch.cadence import MIN_DEFAULT_SAMPLE_INTERVAL, MIN_INHERITED_LOG_INTERVAL, Cadence

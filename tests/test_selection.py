@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, regression_loader
+from helpers import TinyRegressor, make_trainer, regression_loader
 from torch import nn
 
 from lightning_watch import ActivationScaleMonitor, DeadUnitMonitor, GradientNormMonitor, ParameterDeltaMonitor, Watch
@@ -61,7 +61,7 @@ def test_resolve(kwargs, expected):
 def test_resolve_type_names():
     assert resolve_type("Linear") is nn.Linear
     assert resolve_type("torch.nn.Conv2d") is nn.Conv2d
-    assert resolve_type("conftest.TinyRegressor") is TinyRegressor  # a user's own class by dotted path
+    assert resolve_type("helpers.TinyRegressor") is TinyRegressor  # a user's own class by dotted path
     assert resolve_type(nn.GRU) is nn.GRU
 
 
@@ -135,3 +135,19 @@ def test_watch_passes_one_selection_to_every_monitor(tmp_path):
     make_trainer(tmp_path, [watch], max_steps=1).fit(TinyRegressor(), regression_loader())
     for monitor in watch.monitors:
         assert monitor.module_names == ["net.0", "net.1"], type(monitor).__name__
+
+
+def test_a_standalone_monitor_pattern_matching_nothing_fails_at_fit_start_naming_a_valid_module(tmp_path):
+    trainer = make_trainer(tmp_path, [GradientNormMonitor(include="encoder.*")], max_steps=1)
+    with pytest.raises(ValueError, match=r"`include` pattern 'encoder.\*' matches no module .*'net.0'"):
+        trainer.fit(TinyRegressor(), regression_loader())
+
+
+def test_selection_by_glob_type_name_and_exclude(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    by_type = ActivationScaleMonitor(types=["torch.nn.Tanh", nn.ReLU])
+    by_glob = GradientNormMonitor(include="net.*", exclude="net.4")
+    make_trainer(tmp_path, [by_type, by_glob], max_steps=1).fit(TinyRegressor(net=net), regression_loader())
+    assert by_type.module_names == ["net.1", "net.3"]
+    assert by_glob.module_names == ["net.0", "net.1", "net.2", "net.3"]

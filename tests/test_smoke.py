@@ -1,6 +1,6 @@
 """End-to-end: Watch on a tiny run writes all four families, read back with TensorBoard's reader."""
 
-from conftest import TinyRegressor, make_trainer, read_scalars, regression_loader
+from helpers import TinyRegressor, make_trainer, read_scalars, regression_loader
 
 from lightning_watch import Watch
 

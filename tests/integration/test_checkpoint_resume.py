@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from conftest import make_trainer, read_scalars
+from helpers import make_trainer, quiet_fit, read_scalars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -82,9 +81,7 @@ def trainer_for(root: Path, cbs, max_steps: int) -> pl.Trainer:
 
 
 def fit(trainer: pl.Trainer, lr: float = 0.01, **kwargs) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Net(lr), step_loader(), **kwargs)
+    quiet_fit(trainer, Net(lr), step_loader(), **kwargs)
 
 
 def test_resume_continues_windows_and_steps(tmp_path):

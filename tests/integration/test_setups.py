@@ -6,12 +6,19 @@ no hook is left behind.
 
 from __future__ import annotations
 
-import warnings
-
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, read_scalars, regression_loader
+from helpers import (
+    CountHooks,
+    StoreOutputs,
+    TinyRegressor,
+    leftover_hooks,
+    make_trainer,
+    quiet,
+    read_scalars,
+    regression_loader,
+)
 from lightning.pytorch import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -23,35 +30,6 @@ from lightning_watch import (
     ParameterDeltaMonitor,
     Watch,
 )
-from lightning_watch.capture import CaptureEngine
-
-
-def leftovers(model: nn.Module, trainer: pl.Trainer | None = None) -> int:
-    """Hooks of any kind still registered on ``model`` (and on the trainer's optimizers)."""
-    count = sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
-        for m in model.modules()
-    )
-    count += sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
-    if trainer is not None:
-        count += sum(len(opt._optimizer_step_post_hooks) for opt in trainer.optimizers)
-    return count + (model in CaptureEngine._engines)
-
-
-class CountHooks(Callback):
-    """The largest number of forward hooks seen while a training batch runs."""
-
-    def __init__(self) -> None:
-        self.most = 0
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.most = max(self.most, sum(len(m._forward_hooks) for m in pl_module.modules()))
-
-
-def quiet(call, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return call(*args, **kwargs)
 
 
 class Predicting(TinyRegressor):
@@ -71,23 +49,23 @@ def test_validate_test_predict_around_two_fits_of_one_trainer(tmp_path):
     trainer = make_trainer(tmp_path, [watch, counter], limit_train_batches=3, log_every_n_steps=2)
     loader = regression_loader()
     quiet(trainer.validate, model, loader)
-    assert leftovers(model) == 0 and watch.last_snapshot is None  # validation is not watched
+    assert leftover_hooks(model) == 0 and watch.last_snapshot is None  # validation is not watched
     quiet(trainer.fit, model, loader, loader)
-    assert counter.most == 3 and leftovers(model, trainer) == 0  # hooks existed, and are gone
+    assert counter.most == 3 and leftover_hooks(model, trainer) == 0  # hooks existed, and are gone
     first = watch.last_snapshot
     assert first is not None and first.step == 2 and first.final  # logged at 1, then the final window at 2
     quiet(trainer.test, model, loader)
     quiet(trainer.predict, model, loader)
-    assert leftovers(model, trainer) == 0
+    assert leftover_hooks(model, trainer) == 0
     # a second fit on the same Trainer continues training (one more epoch of 3 batches)
     trainer.fit_loop.max_epochs = 2
     quiet(trainer.fit, model, loader)
-    assert trainer.global_step == 6 and leftovers(model, trainer) == 0
+    assert trainer.global_step == 6 and leftover_hooks(model, trainer) == 0
     assert watch.last_snapshot.step == 5  # steps continue: logged at 1, 3, 5
     steps = [s for s, _ in read_scalars(trainer.logger.log_dir)["watch/grad_norm/net.0"]]
     assert steps == [1, 3, 5]
     quiet(trainer.validate, model, loader)
-    assert leftovers(model, trainer) == 0
+    assert leftover_hooks(model, trainer) == 0
 
 
 class Other(TinyRegressor):
@@ -113,12 +91,12 @@ def test_one_callback_instance_across_trainers_and_models_keeps_no_stale_state(t
     torch.manual_seed(0)
     first = TinyRegressor()
     quiet(make_trainer(tmp_path / "a", monitors, max_steps=2).fit, first, regression_loader())
-    assert leftovers(first) == 0
+    assert leftover_hooks(first) == 0
     second = Other()
-    reference = Reference(["body.0"])
+    reference = StoreOutputs(["body.0"])
     trainer = make_trainer(tmp_path / "b", [*monitors, reference], overfit_batches=2, max_epochs=2)
     quiet(trainer.fit, second, regression_loader())
-    assert leftovers(second, trainer) == 0
+    assert leftover_hooks(second, trainer) == 0
     for monitor in monitors:
         names = {n for metric in monitor.METRICS for n in monitor.last_snapshot.modules(metric)}
         assert names and not any(n.startswith("net.") for n in names), (type(monitor).__name__, names)
@@ -132,33 +110,6 @@ def test_one_callback_instance_across_trainers_and_models_keeps_no_stale_state(t
 
 
 # ---------------------------------------------------------------------- sequence models
-class Reference(Callback):
-    """Stores, per step, every output of the named modules (a plain-PyTorch forward hook)."""
-
-    def __init__(self, names):
-        self.names, self.outputs, self._handles, self._step = names, {}, [], 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._step = trainer.global_step
-        modules = dict(pl_module.named_modules())
-        for name in self.names:
-            hook = self._store(name)
-            self._handles.append(modules[name].register_forward_hook(hook))
-
-    def _store(self, name):
-        def hook(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            self.outputs.setdefault((name, self._step), []).append(out.detach().clone())
-
-        return hook
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def window(self, name, steps):
-        return torch.cat([t.reshape(-1) for s in steps for t in self.outputs[(name, s)]])
 
 
 class SequenceTask(pl.LightningModule):
@@ -198,12 +149,12 @@ def token_loader() -> DataLoader:
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_embedding_transformer_and_a_module_reused_in_one_forward(tmp_path, batch_first):
     names = ["embed", "encoder.layers.0.self_attn", "encoder.layers.0.norm2", "proj", "act"]
-    reference = Reference(names)
+    reference = StoreOutputs(names)
     watch = Watch(log_every_n_steps=2, sample_every_n_steps=1, alerts=False)
     trainer = make_trainer(tmp_path, [reference, watch], max_steps=2, log_every_n_steps=2)
     model = SequenceTask(batch_first)
     quiet(trainer.fit, model, token_loader())
-    assert leftovers(model, trainer) == 0
+    assert leftover_hooks(model, trainer) == 0
     snap = watch.last_snapshot
     for name in names:
         x = reference.window(name, [0, 1]).double()

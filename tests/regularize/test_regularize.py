@@ -20,12 +20,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import join_two_process_group, make_trainer, read_scalars
+from helpers import join_two_process_group, make_trainer, quiet_fit, read_scalars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_watch import ActivityRegularizer, ActivityRule
-from lightning_watch.regularize.rules import OutputSums, rule_penalty
 
 L1, L2 = 3e-3, 2e-2
 
@@ -127,9 +126,7 @@ def run(model: Net, callbacks, tmp_path, **trainer_kw) -> list[dict[str, torch.T
     kw = {"max_epochs": 1, "logger": False}
     kw.update(trainer_kw)
     trainer = make_trainer(tmp_path, [*callbacks, recorder], **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, loader())
+    quiet_fit(trainer, model, loader())
     return recorder.steps
 
 
@@ -233,56 +230,7 @@ def test_adam_layer_called_twice_and_two_rules_on_one_layer(tmp_path):
     assert max_rel_diff(without, want) > 1e-2
 
 
-# ---------------------------------------------------------------------- closed forms
-def test_rule_penalty_matches_closed_forms():
-    g = torch.Generator().manual_seed(3)
-    out = torch.randn(5, 3, 2, generator=g)
-    b, s_abs, s_sq = 5, out.abs().sum().item(), out.pow(2).sum().item()
-
-    def value(**kw):
-        weight = kw.pop("weight", 1.0)
-        rule = ActivityRule(include="x", **kw)
-        return rule_penalty(rule, OutputSums(out, batch=b), weight).item()
-
-    assert value(l1=0.3) == pytest.approx(0.3 * s_abs / b, rel=1e-6)
-    assert value(l2=0.7) == pytest.approx(0.7 * s_sq / b, rel=1e-6)
-    assert value(l1=0.3, l2=0.7) == pytest.approx((0.3 * s_abs + 0.7 * s_sq) / b, rel=1e-6)
-    assert value(l2=0.7, reduction="sum") == pytest.approx(0.7 * s_sq, rel=1e-6)
-    assert value(l2=0.7, weight=4.0) == pytest.approx(4 * 0.7 * s_sq / b, rel=1e-6)
-    top = out.max().item()
-    assert value(fn=lambda t: t.max()) == pytest.approx(top / b, rel=1e-6)
-    assert value(fn=lambda t: t.max(), reduction="sum") == pytest.approx(top, rel=1e-6)
-    # half-precision outputs are reduced in float32
-    half = OutputSums(out.to(torch.bfloat16), batch=b)
-    exact = out.to(torch.bfloat16).float().pow(2).sum().item()
-    assert rule_penalty(ActivityRule(include="x", l2=1.0), half, 1.0).dtype == torch.float32
-    assert rule_penalty(ActivityRule(include="x", l2=1.0), half, 1.0).item() == pytest.approx(exact / b, rel=1e-6)
-
-
-def test_batch_size_follows_batch_first_packed_sequences_and_tuple_choice():
-    from torch.nn.utils.rnn import pack_padded_sequence
-
-    from lightning_watch.regularize.rules import select_output
-
-    lstm = nn.LSTM(3, 4)  # (seq, batch, feature) by default
-    seq, batch = 7, 5
-    x = torch.randn(seq, batch, 3)
-    output = lstm(x)
-    rule = ActivityRule(include="lstm", l2=1.0)
-    tensor, size = select_output(rule, "lstm", lstm, output)
-    assert tensor is output[0] and size == batch
-    hidden_rule = ActivityRule(include="lstm", l2=1.0, output=1)  # (h, c) -> h
-    tensor, size = select_output(hidden_rule, "lstm", lstm, output)
-    assert tensor is output[1][0] and size == batch
-    packed = pack_padded_sequence(x, lengths=[7, 6, 4, 2, 1])
-    out_packed = lstm(packed)
-    tensor, size = select_output(rule, "lstm", lstm, out_packed)
-    assert tensor is out_packed[0].data and size == batch  # padding-free sum, batch from batch_sizes
-    first = nn.LSTM(3, 4, batch_first=True)
-    _, size = select_output(rule, "lstm", first, first(torch.randn(batch, seq, 3)))
-    assert size == batch
-
-
+# ---------------------------------------------------------------------- logged values in closed form
 class Identity(pl.LightningModule):
     """The penalized layer returns the input unchanged, so penalties have closed forms in the data."""
 
@@ -314,9 +262,7 @@ def test_logged_penalties_and_scale_match_closed_forms(tmp_path):
         log_every_n_steps=1,
     )
     trainer = make_trainer(tmp_path, [reg], max_epochs=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Identity(), DataLoader(TensorDataset(x), batch_size=4))
+    quiet_fit(trainer, Identity(), DataLoader(TensorDataset(x), batch_size=4))
     scalars = read_scalars(tmp_path / "tb")
     first = [(0.5 * b.abs().sum() + 0.25 * b.pow(2).sum()).item() / 4 * w for b, w in zip(batches, schedule)]
     second = [b.sum().item() for b in batches]
@@ -392,9 +338,7 @@ def test_teardown_restores_model_and_strategy(tmp_path):
     reg = ActivityRegularizer({"encoder.*": {"l2": 1e-3}})
     trainer = make_trainer(tmp_path, [reg], logger=False)
     class_backward = type(trainer.strategy).backward
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, loader())
+    quiet_fit(trainer, model, loader())
     assert reg.module_names == []
     assert all(not m._forward_hooks for m in model.modules())
     assert "backward" not in vars(trainer.strategy)
@@ -404,9 +348,7 @@ def test_teardown_restores_model_and_strategy(tmp_path):
     assert torch.equal(restored.head(restored.squash(restored.encoder(x))), model.head(model.squash(model.encoder(x))))
     # a second fit with the same callback penalizes again, exactly once
     second = make_trainer(tmp_path, [reg], logger=False, max_steps=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        second.fit(model, loader())
+    quiet_fit(second, model, loader())
     assert "backward" not in vars(second.strategy)
 
 
@@ -440,34 +382,11 @@ def test_exception_in_training_restores_model(tmp_path):
 
 
 # ---------------------------------------------------------------------- bad input
-@pytest.mark.parametrize(
-    ("rules", "message"),
-    [
-        (
-            {"encoder.fc2": {"l2": -1e-3}},
-            r"`l2` of rule 'encoder.fc2' must be a non-negative finite number, got -0.001",
-        ),
-        ({"encoder.fc2": {"l1": "big"}}, r"`l1` of rule 'encoder.fc2' must be a non-negative"),
-        ({"encoder.fc2": {"l2": 1e-3, "weight": -2}}, r"`weight` of rule 'encoder.fc2' must be a non-negative"),
-        ({"encoder.fc2": {"l3": 1e-3}}, r"rule 'encoder.fc2' has unknown key\(s\) \['l3'\]; valid keys are"),
-        ({"encoder.fc2": {"weight": 1.0}}, r"rule 'encoder.fc2' must set a penalty"),
-        ({"encoder.fc2": {"l2": 1e-3, "reduction": "mean"}}, r"`reduction` of rule 'encoder.fc2' must be one of"),
-        ({"encoder.fc2": 0.1}, r"rule 'encoder.fc2' must be a mapping such as"),
-        ({}, r"`rules` must hold at least one rule"),
-        ("encoder.fc2", r"`rules` must be a mapping"),
-        ([ActivityRule(include="a", l1=1.0), ActivityRule(include="a", l2=1.0)], r"rule names must be unique"),
-    ],
-)
-def test_bad_rules_fail_at_construction(rules, message):
-    with pytest.raises(ValueError, match=message):
-        ActivityRegularizer(rules)
 
 
 def fit_quietly(tmp_path, model, reg, **kw):
     trainer = make_trainer(tmp_path, [reg], logger=False, max_steps=2, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, loader())
+    quiet_fit(trainer, model, loader())
     return trainer
 
 
@@ -535,9 +454,7 @@ def _ddp_worker(rank: int, out: str, port: int) -> None:
             reg = ActivityRegularizer({"encoder.fc2": {"l1": L1, "l2": L2}}, log_every_n_steps=1)
             for name, model, callbacks in (("callback", base, [reg]), ("hand", hand, [])):
                 trainer = make_trainer(Path(out) / f"{mode}-{name}", callbacks, strategy="ddp", devices=2, logger=False)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    trainer.fit(model, loader(n=32, batch_size=8))  # 2 steps of 2 x 8 samples
+                quiet_fit(trainer, model, loader(n=32, batch_size=8))  # 2 steps of 2 x 8 samples
                 results[(mode, name)] = final_parameters(model)
             results[(mode, "logged")] = reg.last_snapshot.get("activity_penalty", "encoder.fc2")
         if rank == 0:
@@ -559,9 +476,7 @@ def test_ddp_two_processes_match_hand_written_penalty(tmp_path):
     torch.manual_seed(0)
     plain = Net()
     trainer = make_trainer(tmp_path / "plain", [], logger=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(plain, loader(n=32, batch_size=16))
+    quiet_fit(trainer, plain, loader(n=32, batch_size=16))
     without = final_parameters(plain)
     for mode in ("auto", "manual"):
         got, want = results[(mode, "callback")], results[(mode, "hand")]
@@ -624,9 +539,7 @@ def test_activity_penalty_unsaturates_the_sigmoid_where_weight_decay_cannot(tmp_
         model = SaturatedSigmoid(weight_decay)
         before = saturation(model, x)
         trainer = make_trainer(tmp_path / name, callbacks, max_epochs=3)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(model, data)
+        quiet_fit(trainer, model, data)
         results[name] = (before, saturation(model, x))
     for before, _ in results.values():
         assert before[0] == 1.0 and before[1] > 100  # every sigmoid output saturated, |fc1| ~ 115

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, regression_loader
+from helpers import TinyRegressor, make_trainer, regression_loader
 from lightning.pytorch import Callback
 from torch import nn
 

@@ -13,14 +13,13 @@ import contextlib
 import io
 import json
 import math
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import join_two_process_group, make_trainer, read_scalars
+from helpers import join_two_process_group, make_trainer, quiet_fit, read_scalars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,7 +30,6 @@ from lightning_watch.command import main as command_main
 from lightning_watch.hub import StatHub
 from lightning_watch.monitors import GradientNormMonitor, ParameterDeltaMonitor
 from lightning_watch.monitors._base import strategy_shards_parameters
-from lightning_watch.monitors._params import ParameterTable
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import read_blocks
 
@@ -94,12 +92,6 @@ class BatchNormProbe(Probe):
 
     def forward(self, x):
         return self.net(x)
-
-
-def fit(trainer: pl.Trainer, model: pl.LightningModule, loader: DataLoader | None) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, loader)
 
 
 def rank_one_rule(rank: int, first_step: int = 1):
@@ -222,15 +214,21 @@ def _count_collectives_per_batch(watch: Watch, strategy) -> list[int]:
 def _sharded_reduction(rank: int) -> dict[str, float]:
     """Each rank holds one half (rows) of a parameter and its gradient, as FSDP would shard it.
 
-    The monitors' own state is filled with the shard and read with the rank's real gloo
-    all-gather: with ``_sharded`` the squares add up to the full tensor's norm.
+    The monitors run their public measuring steps (prepare, start, before/after one SGD step) on
+    the shard, under a stand-in Trainer whose strategy is Lightning's FSDP (sharded) or DDP
+    (replicated) class, and are read with the rank's real gloo all-gather: sharded, the squares
+    add up to the full tensor's norm.
     """
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
     torch.manual_seed(0)
     full_w, full_g = torch.randn(4, 3), torch.randn(4, 3)
     shard = nn.Linear(3, 2, bias=False)
     with torch.no_grad():
         shard.weight.copy_(full_w[2 * rank : 2 * rank + 2])
-    shard.weight.grad = full_g[2 * rank : 2 * rank + 2].clone()
+    model = nn.Module()
+    model.layer = shard
+    model.device, model.automatic_optimization = torch.device("cpu"), True
 
     def gather(t):
         out = [torch.empty_like(t) for _ in range(2)]
@@ -239,32 +237,40 @@ def _sharded_reduction(rank: int) -> dict[str, float]:
 
     results = {}
     for sharded in (True, False):
-        grads, deltas = GradientNormMonitor(), ParameterDeltaMonitor()
-        for monitor in (grads, deltas):
-            monitor._modules = [("layer", shard)]
-            monitor._table = ParameterTable(monitor._modules)
-            monitor._sharded = sharded
-        grads._measure([shard.weight], in_global=True)
-        deltas._entries = deltas._table.trainable()
-        deltas._before = [shard.weight.detach().clone()]
-        deltas._steps = 1
-        with torch.no_grad():
-            saved = shard.weight.detach().clone()
-            shard.weight.sub_(0.5 * shard.weight.grad)  # the update: -0.5 * grad on this shard
-        # `_on_step_end` consults the cadence only: every step is a logging step here
-        deltas._cadence = SimpleNamespace(is_log_step=lambda step: True)
-        deltas._on_step_end(None, None, 0)
+        shard.weight.grad = full_g[2 * rank : 2 * rank + 2].clone()
+        optimizer = torch.optim.SGD(shard.parameters(), lr=0.5)  # the update: -0.5 * grad on this shard
+        trainer = SimpleNamespace(
+            strategy=FSDPStrategy() if sharded else DDPStrategy(),
+            optimizers=[optimizer],
+            gradient_clip_val=None,
+            log_every_n_steps=1,
+            fast_dev_run=False,
+            world_size=2,
+            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=0)),  # Lightning's step 0
+        )
+        monitors = grads, deltas = GradientNormMonitor(log_every_n_steps=1), ParameterDeltaMonitor(log_every_n_steps=1)
+        for monitor in monitors:
+            monitor.prepare(trainer, model)
+            monitor.start(trainer, model)
+            monitor.begin_batch(0)
+            monitor.before_optimizer_step(trainer, model, optimizer, 0)
+        saved = shard.weight.detach().clone()
+        optimizer.step()
+        for monitor in monitors:
+            monitor.end_batch(trainer, model, True, 0)
         with torch.no_grad():
             shard.weight.copy_(saved)
         values = read_blocks([grads.collect(), deltas.collect()], gather=gather)
         snapshot = Snapshot(step=0, epoch=0)
-        grads.finalize(values, snapshot)
-        deltas.finalize(values, snapshot)
+        for monitor in monitors:
+            monitor.finalize(values, snapshot)
+            monitor.stop()
         tag = "sharded" if sharded else "replicated"
         results[f"{tag}.grad_norm"] = snapshot.get("grad_norm", "layer")
         results[f"{tag}.global_grad_norm"] = snapshot.get("grad_norm")
         results[f"{tag}.update_norm"] = snapshot.get("update_norm", "layer")
         results[f"{tag}.param_norm"] = snapshot.get("param_norm", "layer")
+        results[f"{tag}.optimizer_steps"] = snapshot.get("optimizer_steps")
     results["full.grad_norm"] = full_g.norm().item()
     results["full.param_norm"] = full_w.norm().item()
     results["full.update_norm"] = (0.5 * full_g).norm().item()
@@ -287,7 +293,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         per_batch = _count_collectives_per_batch(watch, trainer.strategy)
         model = Probe()
         try:
-            fit(trainer, model, rank_loader(rank))
+            quiet_fit(trainer, model, rank_loader(rank))
         finally:
             restore()
         result.update(
@@ -304,7 +310,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         watch = Watch(log_every_n_steps=1, alerts=alerts)
         trainer = make_trainer(out / "stop", [watch], strategy="ddp", devices=2, logger=False, max_steps=6)
         per_batch = _count_collectives_per_batch(watch, trainer.strategy)
-        fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
+        quiet_fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
         result.update(
             stop_step=trainer.global_step,
             stop_codes=[a.code for a in watch.alerts],
@@ -320,7 +326,7 @@ def _worker(rank: int, out: str, port: int) -> None:
             out / "labels", [watch], strategy="ddp", devices=2, logger=False, max_steps=6, use_distributed_sampler=False
         )
         per_batch = _count_collectives_per_batch(watch, trainer.strategy)
-        fit(trainer, LabelProbe(), label_loader(rank))
+        quiet_fit(trainer, LabelProbe(), label_loader(rank))
         result.update(
             label_step=trainer.global_step,
             label_codes=[a.code for a in watch.alerts],
@@ -332,7 +338,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         # (`sync_batchnorm=True` cannot run here: DDP refuses SyncBatchNorm on CPU modules)
         watch = Watch(log_every_n_steps=1)
         trainer = make_trainer(out / "bn", [watch], strategy="ddp", devices=2, logger=False, max_steps=1)
-        fit(trainer, BatchNormProbe(), rank_loader(rank))
+        quiet_fit(trainer, BatchNormProbe(), rank_loader(rank))
         result["bn"] = [(a.code, a.module, a.value) for a in watch.alerts if a.code == "small_batch_norm"]
 
         # -------- the sharded reduction path, on the same gloo group
@@ -351,7 +357,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         )
         raised = None
         try:
-            fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
+            quiet_fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
         except AlertError as err:
             raised = (err.alert.code, trainer.global_step)
         torch.save(raised, out / f"raise{rank}.pt")
@@ -364,7 +370,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         per_batch = _count_collectives_per_batch(watch, trainer.strategy)
         raised = None
         try:
-            fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
+            quiet_fit(trainer, Probe(lr=0.01), DataLoader(probe_data(64), batch_size=BATCH))
         except AlertError as err:
             raised = (err.alert.code, trainer.global_step)
         torch.save({"raised": raised, "collectives": per_batch}, out / f"raise_end{rank}.pt")
@@ -505,6 +511,8 @@ def test_ddp_two_gloo_processes(group):
             full = s[f"full.{metric.replace('global_', '')}"]
             assert math.isclose(s[f"sharded.{metric}"], full, rel_tol=1e-6), metric
             assert s[f"replicated.{metric}"] < full * 0.999, metric
+        # one optimizer step on every rank: a count, the same under either reduction
+        assert s["sharded.optimizer_steps"] == s["replicated.optimizer_steps"] == 1
 
 
 def test_agreed_actions_add_no_collective(group):
@@ -557,7 +565,7 @@ def test_ddp_spawn_writes_global_statistics_from_rank_zero(tmp_path):
         logger=logger,
         use_distributed_sampler=False,
     )
-    fit(trainer, SpawnProbe(), None)
+    quiet_fit(trainer, SpawnProbe(), None)
     assert len(list((tmp_path / "tb").rglob("events.out.tfevents.*"))) == 1
     scalars = read_scalars(tmp_path / "tb")
     refs = [reference(Probe(), k) for k in range(2)]

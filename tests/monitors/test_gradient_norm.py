@@ -7,43 +7,20 @@ import math
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, read_scalars, regression_loader
-from lightning.pytorch import Callback
+from helpers import (
+    RecordGrads,
+    RecordInputs,
+    TinyRegressor,
+    make_trainer,
+    module_norm,
+    norm,
+    read_scalars,
+    reference_grads,
+    regression_loader,
+)
 from torch import nn
 
 from lightning_watch import GradientNormMonitor
-
-
-class RecordInputs(Callback):
-    """Weights at the start of each batch and the batch itself, keyed by Lightning's step."""
-
-    def __init__(self):
-        self.weights: dict[int, dict[str, torch.Tensor]] = {}
-        self.batches: dict[int, list] = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        if step not in self.weights:  # the first micro-batch of an accumulation cycle
-            self.weights[step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        self.batches.setdefault(step, []).append([t.clone() for t in batch])
-
-
-def reference_grads(net: nn.Module, recorder: RecordInputs, step: int) -> dict[str, torch.Tensor]:
-    """Plain PyTorch: the gradient Lightning's optimizer step sees (mean loss over micro-batches)."""
-    ref = copy.deepcopy(net)
-    ref.load_state_dict({k.removeprefix("net."): v for k, v in recorder.weights[step].items()})
-    batches = recorder.batches[step]
-    for x, y in batches:
-        (nn.functional.mse_loss(ref(x), y) / len(batches)).backward()
-    return {f"net.{name}": p.grad for name, p in ref.named_parameters()}
-
-
-def norm(tensors) -> float:
-    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
-
-
-def module_norm(grads: dict[str, torch.Tensor], module: str) -> float:
-    return norm([g for name, g in grads.items() if name.rpartition(".")[0] == module])
 
 
 def test_per_module_and_global_norms_equal_a_plain_pytorch_reference(tmp_path):
@@ -128,7 +105,7 @@ def test_nonfinite_gradient_values_are_counted_exactly(tmp_path):
     assert math.isfinite(scalars["watch/grad_norm/net.3"][0][1])
 
 
-def test_per_parameter_tags(tmp_path):
+def test_per_parameter_norms_are_tagged_by_name_and_equal_the_reference(tmp_path):
     torch.manual_seed(0)
     model = TinyRegressor()
     net = copy.deepcopy(model.net)
@@ -180,3 +157,22 @@ def test_frozen_modules_are_not_reported_and_unstepped_ones_are(tmp_path):
     assert scalars["watch/grad_norm/net.2"][0][1] == pytest.approx(module_norm(grads, "net.2"), rel=1e-5)
     # the global norm is what the optimizer steps: net.0 only
     assert scalars["watch/global/grad_norm"][0][1] == pytest.approx(module_norm(grads, "net.0"), rel=1e-5)
+
+
+def test_gradient_norms_match_reference_pre_and_post_clip(tmp_path):
+    torch.manual_seed(0)
+    model = TinyRegressor(lr=0.05)
+    ref = RecordGrads()
+    trainer = make_trainer(tmp_path, [ref, GradientNormMonitor(log_every_n_steps=2)], gradient_clip_val=0.05)
+    trainer.fit(model, regression_loader(n=64, batch_size=16))
+    scalars = read_scalars(trainer.logger.log_dir)
+    logged = dict(scalars["watch/grad_norm/net.0"])
+    assert sorted(logged) == [1, 3]
+    for step in (1, 3):
+        grads = ref.pre[step]
+        assert logged[step] == pytest.approx(norm([grads["net.0.weight"], grads["net.0.bias"]]), rel=1e-5)
+        assert dict(scalars["watch/global/grad_norm"])[step] == pytest.approx(norm(grads.values()), rel=1e-5)
+        clipped = dict(scalars["watch/global/grad_norm_clipped"])[step]
+        assert clipped == pytest.approx(norm(ref.post[step].values()), rel=1e-5)
+        assert clipped <= 0.05 * (1 + 1e-4) < dict(scalars["watch/global/grad_norm"])[step]
+    assert all(v == 0 for _, v in scalars["watch/global/grad_nonfinite"])

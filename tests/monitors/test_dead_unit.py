@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, read_scalars, regression_loader
+from helpers import StoreOutputs, TinyRegressor, make_trainer, read_scalars, regression_loader
 from lightning.pytorch import Callback
 from torch import nn
 
@@ -13,31 +13,6 @@ from lightning_watch import DeadUnitMonitor
 
 def dead_fracs(scalars, name):
     return [v for _, v in scalars[f"watch/dead_frac/{name}"]]
-
-
-class StoreOutputs(Callback):
-    """Reference: outputs of one module, per Lightning step, from a plain forward hook."""
-
-    def __init__(self, name):
-        self.name, self.outputs = name, {}
-
-    def on_train_start(self, trainer, pl_module):
-        def hook(module, args, output):
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
-            self.outputs.setdefault(step, []).append(output.detach().clone())
-
-        self.handle = dict(pl_module.named_modules())[self.name].register_forward_hook(hook)
-
-    def on_train_end(self, trainer, pl_module):
-        self.handle.remove()
-
-    def dead_fraction(self, steps, unit_dim):
-        alive = None
-        for step in steps:
-            for out in self.outputs[step]:
-                fired = (out.movedim(unit_dim, 0).reshape(out.shape[unit_dim], -1) > 0).any(dim=1)
-                alive = fired if alive is None else alive | fired
-        return 1.0 - alive.double().mean().item()
 
 
 def test_rectifier_module_fraction_is_exact_over_the_sampled_window(tmp_path):
@@ -53,12 +28,12 @@ def test_rectifier_module_fraction_is_exact_over_the_sampled_window(tmp_path):
     trainer.fit(TinyRegressor(net=net, lr=0.0), regression_loader(n=32, batch_size=4))
     scalars = read_scalars(trainer.logger.log_dir)
     windows = ((1, 3), (5, 7))  # the sampled steps of each window
-    expected = [reference.dead_fraction(steps, 1) for steps in windows]
+    expected = [reference.dead_fraction("net.1", steps, 1) for steps in windows]
     assert dead_fracs(scalars, "net.1") == pytest.approx(expected, abs=1e-12)
     assert [s for s, _ in scalars["watch/dead_frac/net.1"]] == [3, 7]
     assert all(0 < e < 1 for e in expected)
     # the window matters: judged on one batch alone, more units would look dead
-    assert any(reference.dead_fraction((s,), 1) > e for steps, e in zip(windows, expected) for s in steps)
+    assert any(reference.dead_fraction("net.1", (s,), 1) > e for steps, e in zip(windows, expected) for s in steps)
 
 
 class Functional(TinyRegressor):
@@ -118,7 +93,7 @@ def test_conv_channels_are_counted_per_channel(tmp_path):
     trainer = make_trainer(tmp_path, [reference, DeadUnitMonitor(log_every_n_steps=2)], max_steps=2)
     trainer.fit(ConvNet(), regression_loader(in_features=16))
     scalars = read_scalars(trainer.logger.log_dir)
-    assert reference.dead_fraction((0, 1), 1) == pytest.approx(3 / 6)
+    assert reference.dead_fraction("net.1", (0, 1), 1) == pytest.approx(3 / 6)
     assert dead_fracs(scalars, "net.1") == pytest.approx([3 / 6])  # channels, not 16 positions
     assert dead_fracs(scalars, "net.0") == pytest.approx([3 / 6])  # gradient rows of the conv weight
 
@@ -180,3 +155,24 @@ def test_relu6_units_die_too(tmp_path):
     trainer = make_trainer(tmp_path, [DeadUnitMonitor(log_every_n_steps=1)], max_steps=1)
     trainer.fit(TinyRegressor(net=net), regression_loader())
     assert dead_fracs(read_scalars(trainer.logger.log_dir), "net.1") == [0.25]
+
+
+def test_dead_conv_channels_at_every_logging_step_behind_a_lazy_head(tmp_path):
+    class ConvNet(TinyRegressor):
+        def __init__(self):
+            super().__init__(net=nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(1)), lr=0.01)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x.reshape(-1, 2, 2, 2).repeat(1, 1, 2, 2)), y)
+
+    torch.manual_seed(0)
+    model = ConvNet()
+    model.net(torch.zeros(1, 2, 4, 4))  # materialize the lazy layer
+    with torch.no_grad():
+        model.net[0].bias[[1, 4]] = -1e4  # channels 1 and 4 dead everywhere
+    trainer = make_trainer(tmp_path, [DeadUnitMonitor(log_every_n_steps=1)], max_steps=2)
+    trainer.fit(model, regression_loader(in_features=8))
+    scalars = read_scalars(trainer.logger.log_dir)
+    assert [v for _, v in scalars["watch/dead_frac/net.1"]] == pytest.approx([2 / 6, 2 / 6])
+    assert [v for _, v in scalars["watch/dead_frac/net.0"]] == pytest.approx([2 / 6, 2 / 6])

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet, quiet_fit
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
@@ -165,10 +165,8 @@ def fit(tmp_path, module, data, max_steps=EARLY, seed=0, **trainer_kw):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer = pl.Trainer(callbacks=[watch], **kw)
-            trainer.fit(module, data)
+        trainer = quiet(pl.Trainer, callbacks=[watch], **kw)
+        quiet_fit(trainer, module, data)
     finally:
         torch.set_num_threads(threads)
         if flush:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import read_scalars
+from helpers import read_scalars
 from torch import nn
 
 from lightning_watch import (
@@ -25,7 +25,7 @@ from lightning_watch import (
     Watch,
 )
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 #: steps per CLI run: callbacks that follow the Trainer write every 10 steps at least (cadence floor)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, regression_loader
+from helpers import TinyRegressor, make_trainer, regression_loader
 from lightning.pytorch import Callback
 from torch import nn
 

@@ -6,12 +6,21 @@ import copy
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, read_scalars, regression_loader
+from helpers import (
+    RecordGrads,
+    RecordInputs,
+    TinyRegressor,
+    make_trainer,
+    module_norm,
+    norm,
+    read_scalars,
+    reference_grads,
+    regression_loader,
+)
 from lightning.pytorch import Callback
-from test_gradient_norm import RecordInputs, module_norm, norm, reference_grads
 from torch import nn
 
-from lightning_watch import ParameterDeltaMonitor
+from lightning_watch import GradientNormMonitor, ParameterDeltaMonitor
 
 
 def _weights(recorder: RecordInputs, step: int, module: str) -> list[torch.Tensor]:
@@ -155,3 +164,37 @@ def test_the_transient_copy_exists_only_inside_the_logging_step(tmp_path):
     n = sum(p.numel() for p in model.parameters())
     assert copies == [0, n, 0, n]  # only on the logging steps 1 and 3
     assert monitor._before is None
+
+
+def test_sgd_update_is_lr_times_gradient_and_param_norm_is_taken_before_the_step(tmp_path):
+    torch.manual_seed(0)
+    lr = 0.05
+    ref = RecordGrads()
+    trainer = make_trainer(tmp_path, [ref, ParameterDeltaMonitor(log_every_n_steps=2)], max_steps=4)
+    trainer.fit(TinyRegressor(lr=lr), regression_loader())
+    scalars = read_scalars(trainer.logger.log_dir)
+    for step in (1, 3):
+        g = ref.pre[step]
+        update = dict(scalars["watch/update_norm/net.2"])[step]
+        assert update == pytest.approx(lr * norm([g["net.2.weight"], g["net.2.bias"]]), rel=1e-4)
+        before = norm([ref.before[step]["net.2.weight"], ref.before[step]["net.2.bias"]])
+        assert dict(scalars["watch/param_norm/net.2"])[step] == pytest.approx(before, rel=1e-5)
+        assert dict(scalars["watch/update_ratio/net.2"])[step] == pytest.approx(update / before, rel=1e-5)
+    assert all(v == 1 for _, v in scalars["watch/global/optimizer_steps"])
+
+
+def test_accumulation_measures_one_optimizer_step_at_lightning_steps(tmp_path):
+    torch.manual_seed(0)
+    lr = 0.1
+    ref = RecordGrads()
+    monitors = [ref, ParameterDeltaMonitor(log_every_n_steps=1), GradientNormMonitor(log_every_n_steps=1)]
+    trainer = make_trainer(tmp_path, monitors, accumulate_grad_batches=2)
+    trainer.fit(TinyRegressor(lr=lr), regression_loader(n=64, batch_size=16))  # 4 batches -> 2 optimizer steps
+    scalars = read_scalars(trainer.logger.log_dir)
+    assert [s for s, _ in scalars["watch/update_norm/net.0"]] == [0, 1]
+    assert len(ref.pre) == 2
+    for step in (0, 1):
+        g = ref.pre[step]
+        expected = lr * norm([g["net.0.weight"], g["net.0.bias"]])
+        assert dict(scalars["watch/update_norm/net.0"])[step] == pytest.approx(expected, rel=1e-4)
+        assert dict(scalars["watch/grad_norm/net.0"])[step] == pytest.approx(expected / lr, rel=1e-5)

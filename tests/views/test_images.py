@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, read_scalars, regression_loader
+from helpers import TinyRegressor, make_trainer, read_scalars, regression_loader
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_watch import Watch

@@ -1,4 +1,4 @@
-"""EarlyAlerts: sinks read back independently, dedupe, actions, configuration errors, resume, DDP."""
+"""EarlyAlerts, the callback: sinks read back independently, dedupe, actions, configuration errors, resume, DDP."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import join_two_process_group, make_trainer
+from helpers import join_two_process_group, make_trainer, quiet_fit, read_points
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_watch import Alert, EarlyAlerts, GradientNormMonitor, Watch
-from lightning_watch.alerts import AlertError, AlertLedger, AlertWarning, RuleContext
+from lightning_watch import EarlyAlerts, GradientNormMonitor, Watch
+from lightning_watch.alerts import AlertError, AlertWarning, RuleContext
 from lightning_watch.hub import StatHub
 from lightning_watch.snapshot import Snapshot
 
@@ -56,19 +56,12 @@ def nan_model():
     return Net(lr=1e8, opt="sgd")
 
 
-def fit(trainer, model, loader):
-    pl.seed_everything(0, verbose=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, loader)
-
-
 # ---------------------------------------------------------------------- sinks
 def test_alerts_reach_jsonl_tensorboard_and_logging(tmp_path, caplog):
     watch = Watch(log_every_n_steps=5)
     trainer = make_trainer(tmp_path, [watch], max_steps=20, log_every_n_steps=5)
     with caplog.at_level(logging.INFO, logger="lightning_watch.alerts"):
-        fit(trainer, nan_model(), data(shuffle=False))
+        quiet_fit(trainer, nan_model(), data(shuffle=False), seed=0)
     raised = watch.alerts
     assert {"non_finite_loss", "unshuffled_data"} <= {a.code for a in raised}
 
@@ -106,7 +99,7 @@ def test_nan_loss_is_caught_within_a_few_steps_between_logging_steps(tmp_path):
             losses.append(outputs["loss"].item())
 
     trainer = make_trainer(tmp_path, [watch, Recorder()], max_steps=30, logger=False)
-    fit(trainer, nan_model(), data())
+    quiet_fit(trainer, nan_model(), data(), seed=0)
     first_bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
     alert = next(a for a in watch.alerts if a.code == "non_finite_loss")
     assert first_bad <= alert.step <= first_bad + 3 < 49
@@ -127,42 +120,12 @@ def test_warnings_once_per_code_and_module_and_no_spam(tmp_path):
     assert sum(a.code == "non_finite_loss" for a in watch.alerts) == 1
 
 
-def _alert(code="dead_units", value=0.8, severity="warning", module="fc"):
-    return Alert(code, severity, 1, 0, module, value, 0.7, "m", "h")
-
-
-def test_ledger_reraises_only_when_worse_or_back_after_clearing():
-    def raised_again(first, second):
-        ledger = AlertLedger()
-        ledger.update([first], {first.code})
-        return bool(ledger.update([second], {first.code}))
-
-    assert not raised_again(_alert(value=0.8), _alert(value=0.9))
-    assert raised_again(_alert(value=0.8), _alert(value=1.0, severity="error"))
-    assert raised_again(_alert("exploding_gradients", 1.5e3), _alert("exploding_gradients", 2e4))
-    assert raised_again(_alert("vanishing_gradients", 1e-4), _alert("vanishing_gradients", 1e-7))
-    assert not raised_again(_alert("vanishing_gradients", 1e-4), _alert("vanishing_gradients", 1e-3))
-
-    ledger = AlertLedger()
-    raised = []
-    raised += ledger.update([_alert()], {"dead_units"})
-    raised += ledger.update([_alert(value=0.85)], {"dead_units"})  # same: no new alert
-    raised += ledger.update([], {"dead_units"})
-    raised += ledger.update([_alert()], {"dead_units"})  # absent once: not cleared yet
-    assert len(raised) == 1
-    raised += ledger.update([], {"dead_units"})
-    raised += ledger.update([], {"dead_units"})  # absent twice: cleared
-    assert ledger.active() == []
-    raised += ledger.update([_alert()], {"dead_units"})
-    assert len(raised) == 2 and ledger.active() == [("dead_units", "fc")]
-
-
 # ---------------------------------------------------------------------- actions
 def test_stop_action_stops_cleanly_and_saves_checkpoint(tmp_path):
     alerts = EarlyAlerts(actions={"non_finite_loss": "stop"}, log_every_n_steps=5)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = make_trainer(tmp_path, [alerts, ckpt], max_steps=200, enable_checkpointing=True, log_every_n_steps=5)
-    fit(trainer, nan_model(), data(n=4096))
+    quiet_fit(trainer, nan_model(), data(n=4096), seed=0)
     stop = alerts.stop_alert
     assert stop is not None and stop.code == "non_finite_loss"
     assert trainer.should_stop and trainer.global_step <= stop.step + 2 < 200
@@ -224,10 +187,10 @@ def test_watch_rejects_bad_alerts_and_double_use(tmp_path):
     shared = EarlyAlerts()
     trainer = make_trainer(tmp_path, [Watch(alerts=shared), shared], max_steps=1, logger=False)
     with pytest.raises(ValueError, match="not both"):
-        fit(trainer, Net(), data())
+        quiet_fit(trainer, Net(), data(), seed=0)
 
 
-def test_disabled_codes_and_user_rules(tmp_path):
+def test_a_user_rule_runs_each_logging_step_and_raises_once_and_a_disabled_code_never(tmp_path):
     seen = []
 
     def loss_above(snapshot: Snapshot, context: RuleContext):
@@ -239,7 +202,7 @@ def test_disabled_codes_and_user_rules(tmp_path):
     alerts = EarlyAlerts(rules=[loss_above], settings={"unshuffled_data": False}, actions={"loss_positive": "warn"})
     watch = Watch(alerts=alerts, log_every_n_steps=4)
     trainer = make_trainer(tmp_path, [watch], max_steps=12, logger=False)
-    fit(trainer, Net(), data(shuffle=False))
+    quiet_fit(trainer, Net(), data(shuffle=False), seed=0)
     assert seen == [3, 7, 11]
     assert [a.code for a in watch.alerts if a.code != "unseeded_run"] == ["loss_positive"]  # once, no spam
 
@@ -247,23 +210,9 @@ def test_disabled_codes_and_user_rules(tmp_path):
 def test_standalone_early_alerts_builds_its_own_statistics(tmp_path):
     alerts = EarlyAlerts(log_every_n_steps=5)
     trainer = make_trainer(tmp_path, [alerts], max_steps=20, log_every_n_steps=5)
-    fit(trainer, nan_model(), data())
+    quiet_fit(trainer, nan_model(), data(), seed=0)
     assert "non_finite_loss" in {a.code for a in alerts.alerts}
     assert "non_finite_gradients" in {a.code for a in alerts.alerts}  # needs the gradient monitor
-
-
-def _points(log_dir) -> dict[tuple[str, int], list[float]]:
-    """Every scalar point written under ``log_dir``: ``(tag, step) -> values``, read with TensorBoard's reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    points: dict[tuple[str, int], list[float]] = {}
-    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            for event in acc.Scalars(tag):
-                points.setdefault((tag, event.step), []).append(event.value)
-    return points
 
 
 @pytest.mark.parametrize("alerts_first", [False, True], ids=["monitor-first", "alerts-first"])
@@ -272,8 +221,8 @@ def test_standalone_early_alerts_reads_a_standalone_monitor_instead_of_writing_t
         grads, alerts = GradientNormMonitor(log_every_n_steps=5), EarlyAlerts(log_every_n_steps=5)
         callbacks = ([alerts, grads] if alerts_first else [grads, alerts]) if with_alerts else [grads]
         trainer = make_trainer(tmp_path / name, callbacks, max_steps=20, log_every_n_steps=5)
-        fit(trainer, model, data())
-        return trainer, grads, alerts, _points(tmp_path / name)
+        quiet_fit(trainer, model, data(), seed=0)
+        return trainer, grads, alerts, read_points(tmp_path / name)
 
     # the same run with the gradient monitor alone: what it writes is the reference
     torch.manual_seed(0)
@@ -310,7 +259,7 @@ def test_state_dict_round_trip_resumes_without_duplicates(tmp_path):
     watch = Watch(log_every_n_steps=5)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = make_trainer(tmp_path, [watch, ckpt], max_epochs=1, logger=False, enable_checkpointing=True)
-    fit(trainer, Net(), data(shuffle=False))
+    quiet_fit(trainer, Net(), data(shuffle=False), seed=0)
     before = [a.to_dict() for a in watch.alerts]
     assert "unshuffled_data" in {a["code"] for a in before}
     state = watch.state_dict()["EarlyAlerts"]
@@ -318,11 +267,7 @@ def test_state_dict_round_trip_resumes_without_duplicates(tmp_path):
 
     resumed = Watch(log_every_n_steps=5)
     trainer = make_trainer(tmp_path, [resumed, ckpt], max_epochs=2, logger=False, enable_checkpointing=True)
-    fit_kwargs = {"ckpt_path": str(tmp_path / "ckpt" / "last.ckpt")}
-    pl.seed_everything(0, verbose=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Net(), data(shuffle=False), **fit_kwargs)
+    quiet_fit(trainer, Net(), data(shuffle=False), seed=0, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     after = [a.to_dict() for a in resumed.alerts]
     assert after[: len(before)] == before  # restored
     keys = [(a["code"], a["module"]) for a in after]
@@ -347,12 +292,12 @@ def _ddp_worker(rank: int, out: str, port: int) -> None:
         # a finding on one rank only: the stop is agreed, so both ranks stop at the same step
         watch = Watch(alerts=EarlyAlerts(rules=[_rank_one_rule], actions={"rank_local": "stop"}), log_every_n_steps=2)
         trainer = make_trainer(Path(out) / "rank", [watch], strategy="ddp", devices=2, max_steps=50, logger=False)
-        fit(trainer, Net(), data(n=1024))
+        quiet_fit(trainer, Net(), data(n=1024), seed=0)
         results["local"] = (trainer.global_step, trainer.should_stop, [a.code for a in watch.alerts])
         # a pathology every rank sees: NaN loss, stop agreed
         watch = Watch(alerts=EarlyAlerts(actions={"non_finite_loss": "stop"}), log_every_n_steps=2)
         trainer = make_trainer(Path(out) / "nan", [watch], strategy="ddp", devices=2, max_steps=50, log_every_n_steps=2)
-        fit(trainer, nan_model(), data(n=1024))
+        quiet_fit(trainer, nan_model(), data(n=1024), seed=0)
         results["nan"] = (trainer.global_step, trainer.should_stop, [a.code for a in watch.alerts])
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -375,57 +320,3 @@ def test_ddp_two_processes_agree_on_stop(tmp_path):
 
 
 # ---------------------------------------------------------------------- one-time checks
-def test_batch_mixing_check_leaves_the_model_and_rng_untouched():
-    from lightning_watch.alerts.checks import check_batch_mixing
-
-    class Mixer(nn.Module):
-        """BatchNorm, dropout and an RNN over the batch axis (a (B, T, F) tensor given to batch_first=False)."""
-
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.BatchNorm1d(4)
-            self.drop = nn.Dropout(0.5)
-            self.rnn = nn.GRU(4, 4)
-
-        def forward(self, x):
-            h = self.drop(self.bn(x.transpose(1, 2)).transpose(1, 2))
-            return self.rnn(h)[0][:, -1]
-
-    torch.manual_seed(0)
-    model = Mixer().train()
-    model.drop.eval()  # a module the user put in eval mode on purpose stays so
-    x = torch.randn(6, 5, 4)
-    model(x).sum().backward()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    rng = torch.get_rng_state()
-    found = check_batch_mixing(RuleContext(), Snapshot(0, 0), model, (x, None))
-    assert [a.code for a in found] == ["batch_mixing"]
-    assert found[0].extra["affected_sample"] > found[0].extra["perturbed_sample"]  # the RNN runs forward
-    assert model.training and model.bn.training and not model.drop.training
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # BN running stats too
-    assert all(torch.equal(g, p.grad) for (_, p), g in zip(model.named_parameters(), grads.values()))
-    assert torch.equal(rng, torch.get_rng_state())
-    # the same layers used with the right layout do not mix samples
-    model.rnn.batch_first = True
-    assert check_batch_mixing(RuleContext(), Snapshot(0, 0), model, (x, None)) == []
-
-
-def test_mixing_backward_along_the_batch_is_seen_from_the_last_sample():
-    from lightning_watch.alerts.checks import check_batch_mixing
-
-    class Reverse(nn.Module):
-        def forward(self, x):  # sample i depends on samples after it only: sample 0 perturbed changes nothing
-            return x.flip(0).cumsum(0).flip(0)
-
-    found = check_batch_mixing(RuleContext(), Snapshot(0, 0), Reverse(), torch.randn(5, 3))
-    assert found and found[0].extra["affected_sample"] < found[0].extra["perturbed_sample"]
-
-
-def test_small_batch_norm_counts_the_global_batch_for_sync_batch_norm():
-    from lightning_watch.alerts.checks import check_batch_norm
-
-    ctx, at = RuleContext(), Snapshot(0, 0)
-    assert [a.module for a in check_batch_norm(ctx, at, {"bn1": (4, False), "bn2": (16, False)}, 1)] == ["bn1"]
-    assert check_batch_norm(ctx, at, {"bn": (4, True)}, world_size=2) == []  # 8 samples over 2 ranks
-    assert check_batch_norm(ctx, at, {"bn": (4, False)}, world_size=2)  # plain BN: 4 per device

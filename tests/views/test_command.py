@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, read_scalars, regression_loader
+from helpers import TinyRegressor, make_trainer, read_scalars, regression_loader
 
 from lightning_watch import Watch
 from lightning_watch.command import main

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, regression_loader
+from helpers import TinyRegressor, make_trainer, regression_loader
 
 from lightning_watch import Watch
 from lightning_watch.views.images import IMAGE_TAGS

@@ -6,37 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, read_scalars, regression_loader
-from lightning.pytorch import Callback
+from helpers import StoreOutputs, TinyRegressor, make_trainer, read_scalars, regression_loader
 from torch import nn
 
 from lightning_watch import ActivationScaleMonitor
-
-
-class StoreOutputs(Callback):
-    """Reference: every output of the named modules, per Lightning step, through plain forward hooks."""
-
-    def __init__(self, names):
-        self.names, self.outputs, self.handles = names, {}, []
-
-    def on_train_start(self, trainer, pl_module):
-        modules = dict(pl_module.named_modules())
-        for name in self.names:
-            self.handles.append(modules[name].register_forward_hook(self._hook(trainer, name)))
-
-    def _hook(self, trainer, name):
-        def hook(module, args, output):
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
-            self.outputs.setdefault((name, step), []).append(output.detach().double().clone())
-
-        return hook
-
-    def on_train_end(self, trainer, pl_module):
-        for handle in self.handles:
-            handle.remove()
-
-    def window(self, name, steps):
-        return torch.cat([o.reshape(-1) for s in steps for o in self.outputs[(name, s)]])
 
 
 def _saturated(x: torch.Tensor, lo: float, hi: float, margin: float) -> float:
@@ -92,7 +65,7 @@ def test_hardtanh_uses_its_own_bounds(tmp_path):
     assert expected > 0.3  # most of N(0, 1)-ish pre-activations are clipped at ±0.5
 
 
-def test_nonfinite_fraction(tmp_path):
+def test_nonfinite_fraction_counts_inf_and_nan_entries_and_shows_nan(tmp_path):
     class Poison(nn.Module):
         def forward(self, x):
             x = x.clone()
@@ -161,3 +134,44 @@ def test_statistics_of_a_large_mean_output_keep_the_documented_precision(tmp_pat
     # mean/std about 1e6: the std is not resolvable in float32, but it stays a number >= 0
     std = scalars["watch/act_std/net.2"][0][1]
     assert math.isfinite(std) and std >= 0
+
+
+def test_activation_scale_matches_reference_over_the_window(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 1))
+    with torch.no_grad():
+        net[2].weight.mul_(8.0)  # push some sigmoid inputs far out: saturation to count
+    model = TinyRegressor(net=net, lr=0.0)  # lr 0: every sampled batch sees the same weights
+    ref = StoreOutputs(["net.1", "net.3"])
+    monitor = ActivationScaleMonitor(log_every_n_steps=4, sample_every_n_steps=2)
+    trainer = make_trainer(tmp_path, [ref, monitor], max_steps=4)
+    trainer.fit(model, regression_loader(n=64, batch_size=16))
+    scalars = read_scalars(trainer.logger.log_dir)
+    for name, bounds in (("net.1", (-1.0, 1.0)), ("net.3", (0.0, 1.0))):
+        outs = ref.window(name, (1, 3))  # the steps the monitor samples
+        assert [len(ref.outputs[(name, step)]) for step in (1, 3)] == [1, 1]
+        assert scalars[f"watch/act_mean/{name}"][0] == (3, pytest.approx(float(outs.mean()), rel=1e-5, abs=1e-7))
+        assert scalars[f"watch/act_std/{name}"][0][1] == pytest.approx(float(outs.std(correction=0)), rel=1e-4)
+        assert scalars[f"watch/act_rms/{name}"][0][1] == pytest.approx(float(outs.square().mean().sqrt()), rel=1e-5)
+        assert scalars[f"watch/act_max_abs/{name}"][0][1] == pytest.approx(float(outs.abs().max()), rel=1e-6)
+        lo, hi = bounds
+        edge = 0.01 * (hi - lo)
+        saturated = float(((outs <= lo + edge) | (outs >= hi - edge)).double().mean())
+        assert scalars[f"watch/act_saturated_frac/{name}"][0][1] == pytest.approx(saturated, abs=1e-9)
+    assert scalars["watch/act_saturated_frac/net.3"][0][1] > 0
+    assert "watch/act_saturated_frac/net.0" not in scalars  # a Linear has no asymptotes
+
+
+def test_validation_activations_when_asked_equal_a_forward_over_the_validation_set(tmp_path):
+    torch.manual_seed(0)
+    model = TinyRegressor()
+    monitor = ActivationScaleMonitor(validation=True, log_every_n_steps=2)
+    trainer = make_trainer(tmp_path, [monitor], max_epochs=1)
+    val = regression_loader(seed=1)
+    trainer.fit(model, regression_loader(), val)
+    scalars = read_scalars(trainer.logger.log_dir)
+    x = torch.cat([xb for xb, _ in val])
+    with torch.no_grad():
+        expected = float(model.net[0](x).square().mean().sqrt())
+    assert scalars["watch/val_act_rms/net.0"][-1][1] == pytest.approx(expected, rel=1e-5)
+    assert all(not m._forward_hooks for m in model.modules())
