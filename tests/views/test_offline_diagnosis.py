@@ -8,7 +8,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyRegressor, make_trainer, read_scalars, regression_loader
+from helpers import TinyRegressor, make_trainer, read_scalars, regression_loader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
