@@ -38,8 +38,8 @@ from lightning_watch.regularize_rules import (
 )
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, accumulator_dtype, read_blocks
-from lightning_watch.tensorboard import add_layout, log_scalars
 from lightning_watch.warn import warn_once
+from lightning_watch.writers import add_layout, log_scalars
 
 SnapshotListener = Callable[[pl.Trainer, pl.LightningModule, Snapshot], None]
 

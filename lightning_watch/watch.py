@@ -21,8 +21,8 @@ from lightning_watch.monitors import (
 )
 from lightning_watch.monitors._base import SnapshotListener, publish
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.tensorboard import add_histograms, add_layout
 from lightning_watch.views.live import WatchViews
+from lightning_watch.writers import add_histograms, add_layout
 
 _FAMILIES = {
     "gradients": GradientNormMonitor,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_watch.snapshot import parse_tag
 from lightning_watch.warn import reset_warnings
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
@@ -96,8 +97,21 @@ def make_trainer(tmp_path: Path, callbacks, **kwargs) -> pl.Trainer:
         return pl.Trainer(callbacks=callbacks, **defaults)
 
 
-def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files under ``log_dir``, read with TensorBoard's own reader."""
+def legacy_tag(tag: str) -> str:
+    """``watch.grad_norm/01.net.0`` -> ``watch/grad_norm/net.0`` (tests name layers without their index)."""
+    parsed = parse_tag(tag)
+    if parsed is None:
+        return tag
+    return f"watch/{parsed[0]}/{parsed[1]}" if parsed[1] is not None else f"watch/global/{parsed[0]}"
+
+
+def read_scalars(log_dir: str | Path, raw: bool = False) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the event files under ``log_dir``, read with TensorBoard's own reader.
+
+    Our tags come back spelled ``watch/<metric>/<module>`` and ``watch/global/<metric>`` (via
+    :func:`~lightning_watch.snapshot.parse_tag`), so tests name a layer without its position index;
+    ``raw=True`` gives the tags as written (tests/test_tag_layout.py checks those).
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[str, list[tuple[int, float]]] = {}
@@ -105,7 +119,7 @@ def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
         acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+            out.setdefault(tag if raw else legacy_tag(tag), []).extend((e.step, e.value) for e in acc.Scalars(tag))
         break  # one run directory per test
     # A Trainer fitted twice writes two event files into one directory, and TensorBoard loads them
     # in name order: `...<second>.<host>.<pid>.10` sorts before `....9` within one second.

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import join_two_process_group, make_trainer
+from conftest import join_two_process_group, legacy_tag, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -260,7 +260,7 @@ def _points(log_dir) -> dict[tuple[str, int], list[float]]:
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             for event in acc.Scalars(tag):
-                points.setdefault((tag, event.step), []).append(event.value)
+                points.setdefault((legacy_tag(tag), event.step), []).append(event.value)
     return points
 
 

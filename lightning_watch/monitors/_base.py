@@ -23,7 +23,7 @@ from lightning_watch.capture import CapturedOutput, CaptureEngine, ModuleInfo
 from lightning_watch.selection import ModuleSelection
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, read_blocks
-from lightning_watch.tensorboard import add_histograms, add_layout, log_scalars
+from lightning_watch.writers import add_histograms, add_layout, log_scalars
 
 SnapshotListener = Callable[[pl.Trainer, pl.LightningModule, Snapshot], None]
 

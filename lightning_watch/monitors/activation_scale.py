@@ -16,7 +16,7 @@ from lightning_watch.monitors._base import WatchMonitor, gather_for
 from lightning_watch.selection import ACTIVATION_TYPES, owns_parameters
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import MOMENT_FIELDS, StatBlock, accumulator_dtype, read_blocks
-from lightning_watch.tensorboard import log_scalars
+from lightning_watch.writers import log_scalars
 
 _SUM, _SUM_SQ, _NONFINITE, _SATURATED = range(len(MOMENT_FIELDS))
 

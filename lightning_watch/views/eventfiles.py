@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_watch.snapshot import TAG_PREFIX
+from lightning_watch.snapshot import parse_tag
 from lightning_watch.views.history import History
 
 EVENT_MARKER = "events.out.tfevents"
@@ -47,9 +47,9 @@ class RunData:
         hist = History(maxlen=maxlen)
         per_metric: dict[str, list[tuple[str, list[tuple[int, float]]]]] = {}
         for tag, points in self.scalars.items():  # tags in the order first written: registration order
-            parts = tag.split("/", 2)
-            if len(parts) == 3 and parts[0] == TAG_PREFIX and parts[1] != "global":
-                per_metric.setdefault(parts[1], []).append((parts[2], points))
+            parsed = parse_tag(tag)  # the current layout or the older `watch/<metric>/<module>`
+            if parsed is not None and parsed[1] is not None:
+                per_metric.setdefault(parsed[0], []).append((parsed[1], points))
         for metric in hist.metrics:
             hist.merge_order(module for module, _ in per_metric.get(metric, []))
         for metric, series in per_metric.items():
