@@ -15,20 +15,26 @@ Three runs of the same model on the same synthetic data (nothing is downloaded):
 
     python examples/activity_regularization.py
     tensorboard --logdir runs/activity_regularization
+    lightning-watch report runs/activity_regularization
 
-Charts: ``watch/act_saturated_frac/squash`` and ``watch/act_rms/fc1`` (ActivationScaleMonitor),
-``watch/activity_rms/fc1`` and ``watch/activity_penalty/fc1`` (ActivityRegularizer).
+Charts: sections ``watch.act_saturated_frac`` (``squash``) and ``watch.act_rms`` (``fc1``) from
+ActivationScaleMonitor, ``watch.activity_rms`` and ``watch.activity_penalty`` (``fc1``) from
+ActivityRegularizer.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from next_steps import print_next_steps
 
 from lightning_watch import ActivationScaleMonitor, ActivityRegularizer
 
@@ -109,7 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{'run':<14}" + "".join(f"{c:>19}" for c in columns))
     for name, row in runs.items():
         print(f"{name:<14}" + "".join(f"{row[c]:>19.3g}" for c in columns))
-    print(f"\ntensorboard --logdir {os.path.join(args.logdir, 'activity_regularization')}")
+    print_next_steps(
+        os.path.join(args.logdir, "activity_regularization"), charts="watch.act_saturated_frac, watch.act_rms"
+    )
 
 
 if __name__ == "__main__":

@@ -5,9 +5,13 @@ Synthetic data (nothing is downloaded). The callbacks come from ``examples/cli_c
     python examples/cli_train.py fit --config examples/cli_config.yaml
     python examples/cli_train.py fit --config examples/cli_config.yaml --trainer.max_steps=20
     tensorboard --logdir runs/cli_train
+    lightning-watch report runs/cli_train
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 import lightning.pytorch as pl
 import torch
@@ -64,7 +68,13 @@ class SyntheticData(pl.LightningDataModule):
 
 
 def main(args=None) -> LightningCLI:
-    return LightningCLI(MLP, SyntheticData, seed_everything_default=0, args=args)
+    cli = LightningCLI(MLP, SyntheticData, seed_everything_default=0, args=args)
+    if cli.trainer.log_dir and cli.trainer.is_global_zero:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
+        from next_steps import print_next_steps
+
+        print_next_steps(cli.trainer.log_dir)
+    return cli
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@ The data set ships inside scikit-learn: nothing is downloaded.
 
     python examples/digits_mlp.py --epochs 20
     tensorboard --logdir runs/digits_mlp
+    lightning-watch report runs/digits_mlp
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import lightning.pytorch as pl
 import torch
@@ -83,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         deterministic=True,
     )
     trainer.fit(DigitsMLP(lr=args.lr), train, val)
-    print(f"\nTensorBoard logs written. Look at them with:\n  tensorboard --logdir {logger.log_dir}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
+    from next_steps import print_next_steps
+
+    print_next_steps(logger.log_dir)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 With Adam at ``lr=3e-2`` large updates push many hidden ReLU units into the region where they
 output 0 for every input; from then on they get no gradient and never recover. The
-``watch/dead_frac/*`` chart of the sick run climbs and stays up, the healthy run's stays near 0.
-Digits ship inside scikit-learn: nothing is downloaded.
+``watch.dead_frac`` section of the sick run climbs and stays up, the healthy run's stays near 0.
+Digits ship inside scikit-learn: nothing is downloaded. Each run prints its health report.
 
     python examples/dying_relu.py
     tensorboard --logdir runs/dying_relu
+    lightning-watch report runs/dying_relu
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits_mlp import DigitsMLP, digits_loaders
+from next_steps import print_next_steps
 
 from lightning_watch import Watch
 
@@ -39,7 +41,8 @@ class DeepDigitsMLP(DigitsMLP):
 def train(lr: float, name: str, epochs: int, logdir: str) -> dict[str, float]:
     pl.seed_everything(0, workers=True)
     train_loader, val_loader = digits_loaders(batch_size=32)
-    watch = Watch(log_every_n_steps=20)
+    # the report follows the progress bar by default; this script turns the bar off, so ask for it
+    watch = Watch(log_every_n_steps=20, report=True)
     trainer = pl.Trainer(
         max_epochs=epochs,
         logger=pl.loggers.TensorBoardLogger(logdir, name="dying_relu", version=name),
@@ -64,8 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     for layer in sick:
         if layer in healthy:
             print(f"{layer:<10}{healthy[layer]:>16.0%}{sick[layer]:>16.0%}")
-    logdir = os.path.join(args.logdir, "dying_relu")
-    print(f"\nLook at watch/dead_frac in TensorBoard:\n  tensorboard --logdir {logdir}")
+    print_next_steps(os.path.join(args.logdir, "dying_relu"), charts="watch.dead_frac (sick vs healthy run)")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from torch import Tensor
 from lightning_watch.cadence import Cadence, logging_step
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, read_blocks
-from lightning_watch.tensorboard import add_histograms, log_scalars
+from lightning_watch.writers import add_histograms, log_scalars
 
 SnapshotListener = Callable[[pl.Trainer, pl.LightningModule, Snapshot], None]
 

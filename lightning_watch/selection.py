@@ -7,6 +7,7 @@ compare early and late layers (vanishing gradients).
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib
 from collections.abc import Iterable, Sequence
@@ -58,6 +59,21 @@ def _as_list(value: str | Iterable[str] | None, arg: str) -> list[str]:
     return items
 
 
+def _did_you_mean(name: str, module_name: str | None = None) -> str:
+    """``" (did you mean 'Conv2d'?)"`` for a near miss among torch.nn's module classes, else ``""``.
+
+    ``module_name`` is the dotted path's module (``"torch.nn"`` in ``"torch.nn.Conv2D"``); only
+    torch.nn's names are known here.
+    """
+    if module_name not in (None, "torch.nn"):
+        return ""
+    classes = [n for n, v in vars(nn).items() if isinstance(v, type) and issubclass(v, nn.Module)]
+    # a wrong case ("Conv2D", "relu") is the usual slip: prefer it to a merely similar name
+    close = [n for n in classes if n.lower() == name.lower()] or difflib.get_close_matches(name, classes, 3, 0.75)
+    prefix = "" if module_name is None else f"{module_name}."
+    return f" (did you mean {' or '.join(repr(prefix + n) for n in close)}?)" if close else ""
+
+
 def resolve_type(spec: type | str) -> type[nn.Module]:
     """Turn ``nn.Linear``, ``"Linear"`` or ``"torch.nn.Linear"`` into a module class.
 
@@ -75,14 +91,14 @@ def resolve_type(spec: type | str) -> type[nn.Module]:
                 cls = getattr(importlib.import_module(module_name), attr)
             except (ImportError, AttributeError):
                 raise ValueError(
-                    f"`types` entry {spec!r} could not be imported; "
+                    f"`types` entry {spec!r} could not be imported{_did_you_mean(attr, module_name)}; "
                     "use a class or a dotted path such as 'torch.nn.Linear'."
                 ) from None
         else:
             cls = getattr(nn, spec, None)
             if cls is None:
                 raise ValueError(
-                    f"`types` entry {spec!r} is not a class in torch.nn; "
+                    f"`types` entry {spec!r} is not a class in torch.nn{_did_you_mean(spec)}; "
                     "use a class or a dotted path such as 'mypkg.layers.MyBlock'."
                 )
     else:

@@ -11,7 +11,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
 from lightning_watch.alerts import EarlyAlerts
-from lightning_watch.alerts.loss import LossWindow
 from lightning_watch.cadence import logging_step, steps_optimizer
 from lightning_watch.hub import SnapshotListener, StatHub
 from lightning_watch.monitors import (
@@ -23,7 +22,6 @@ from lightning_watch.monitors import (
 )
 from lightning_watch.monitors.bundle import FAMILIES, MonitorBundle
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.tensorboard import add_layout
 from lightning_watch.views.live import WatchViews
 
 
@@ -170,10 +168,6 @@ class Watch(Callback):
             self.early_alerts.start(trainer, pl_module)
             sources += self.early_alerts.sources()
         StatHub.for_trainer(trainer).join(self, sources)
-        per_module, global_ = self._bundle.metrics()
-        if self.early_alerts is not None:
-            global_ += LossWindow.GLOBAL_METRICS
-        add_layout(trainer, per_module, global_)
         notice = self._bundle.floor_notice("Watch")
         if notice:
             rank_zero_info(notice)

@@ -19,6 +19,8 @@ from lightning.pytorch import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_watch.snapshot import parse_tag
+
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -95,8 +97,21 @@ def make_trainer(tmp_path: Path, callbacks, **kwargs) -> pl.Trainer:
         return pl.Trainer(callbacks=callbacks, **defaults)
 
 
-def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files under ``log_dir``, read with TensorBoard's own reader."""
+def legacy_tag(tag: str) -> str:
+    """``watch.grad_norm/01.net.0`` -> ``watch/grad_norm/net.0`` (tests name layers without their index)."""
+    parsed = parse_tag(tag)
+    if parsed is None:
+        return tag
+    return f"watch/{parsed[0]}/{parsed[1]}" if parsed[1] is not None else f"watch/global/{parsed[0]}"
+
+
+def read_scalars(log_dir: str | Path, raw: bool = False) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the event files under ``log_dir``, read with TensorBoard's own reader.
+
+    Our tags come back spelled ``watch/<metric>/<module>`` and ``watch/global/<metric>`` (via
+    :func:`~lightning_watch.snapshot.parse_tag`), so tests name a layer without its position index;
+    ``raw=True`` gives the tags as written (tests/test_tag_layout.py checks those).
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[str, list[tuple[int, float]]] = {}
@@ -104,7 +119,7 @@ def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
         acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+            out.setdefault(tag if raw else legacy_tag(tag), []).extend((e.step, e.value) for e in acc.Scalars(tag))
         break  # one run directory per test
     # A Trainer fitted twice writes two event files into one directory, and TensorBoard loads them
     # in name order: `...<second>.<host>.<pid>.10` sorts before `....9` within one second.
@@ -112,7 +127,10 @@ def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def read_points(log_dir: str | Path) -> dict[tuple[str, int], list[float]]:
-    """Every scalar point written under ``log_dir``: ``(tag, step) -> values`` (all event files, duplicates kept)."""
+    """Every scalar point written under ``log_dir``: ``(tag, step) -> values`` (all event files, duplicates kept).
+
+    Tags are spelled as by :func:`read_scalars` (``watch/<metric>/<module>``).
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     points: dict[tuple[str, int], list[float]] = {}
@@ -121,7 +139,7 @@ def read_points(log_dir: str | Path) -> dict[tuple[str, int], list[float]]:
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             for event in acc.Scalars(tag):
-                points.setdefault((tag, event.step), []).append(event.value)
+                points.setdefault((legacy_tag(tag), event.step), []).append(event.value)
     return points
 
 

@@ -35,7 +35,6 @@ from lightning_watch.hub import StatHub, StatSource
 from lightning_watch.monitors import WatchMonitor
 from lightning_watch.monitors.bundle import FAMILIES, MonitorBundle
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.tensorboard import add_layout
 from lightning_watch.warn import WatchWarning
 
 log = logging.getLogger("lightning_watch.alerts")
@@ -391,8 +390,6 @@ class EarlyAlerts(Callback):
         self._own.start(trainer, pl_module)
         self.start(trainer, pl_module)
         self._hub.join(self, [*self._own.monitors, *self.sources()])
-        per_module, global_ = self._own.metrics()
-        add_layout(trainer, per_module, [*global_, *LossWindow.GLOBAL_METRICS])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._bundled:

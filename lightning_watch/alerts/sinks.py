@@ -1,22 +1,29 @@
-"""Where a raised alert goes: Python logging, ``warnings``, ``alerts.jsonl`` and TensorBoard text.
+"""Where a raised alert goes: Python logging, ``warnings``, ``alerts.jsonl`` and the loggers' text.
 
 Everything here runs on rank zero only (the alert lists are the same on every rank), and
 receives plain host values.
+
+Each alert is *said* once on the terminal: as an :class:`AlertWarning` (warning/error, once per code
+and module), attributed to the user's ``trainer.fit(...)`` line rather than to our files. The
+logging record of every raise (logger ``lightning_watch.alerts``) is for handlers the user
+configures; a ``NullHandler`` keeps Python's last-resort handler from printing it a second time.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 
 import lightning.pytorch as pl
 
 from lightning_watch.alerts.alert import Alert
-from lightning_watch.tensorboard import add_text, run_log_dir
+from lightning_watch.warn import say
+from lightning_watch.writers import add_text, run_log_dir
 
 #: the logger every alert is sent to
 logger = logging.getLogger("lightning_watch.alerts")
+# the terminal hears each alert from `warnings`; without this, logging's last resort repeats it
+logger.addHandler(logging.NullHandler())
 
 #: file name of the JSON-lines record in the trainer's log directory
 JSONL_NAME = "alerts.jsonl"
@@ -50,12 +57,22 @@ class AlertSinks:
         logger.log(_LEVELS[alert.severity], alert.summary())
         if alert.severity != "info" and alert.key not in self._warned:
             self._warned.add(alert.key)
-            warnings.warn(alert.summary(), AlertWarning, stacklevel=2)
+            say(alert.summary(), AlertWarning)
         if self.path is not None:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(alert.to_json() + "\n")
-        add_text(trainer, f"alerts/{alert.code}", _markdown(alert), max(alert.step, 0))
+        add_text(trainer, alert_tag(alert), _markdown(alert), max(alert.step, 0))
+
+
+def alert_tag(alert: Alert) -> str:
+    """Text tag of an alert: one per code and module, so two modules' alerts at one step both show.
+
+    Example:
+        >>> alert_tag(Alert("dead_units", "warning", 9, 0, "net.1", 0.8, 0.7, "m", "h"))
+        'alerts/dead_units/net.1'
+    """
+    return f"alerts/{alert.code}" if alert.module is None else f"alerts/{alert.code}/{alert.module}"
 
 
 def _markdown(alert: Alert) -> str:

@@ -29,7 +29,6 @@ from lightning_watch.hub import SnapshotListener, StatHub
 from lightning_watch.selection import ModuleSelection
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, StateRegistry
-from lightning_watch.tensorboard import add_layout
 
 
 def strategy_shards_parameters(trainer: pl.Trainer) -> bool:
@@ -205,7 +204,6 @@ class WatchMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start(trainer, pl_module)
-        add_layout(trainer, self.METRICS, self.GLOBAL_METRICS)
         notice = self._cadence.floor_notice(type(self).__name__)
         if notice:
             rank_zero_info(notice)

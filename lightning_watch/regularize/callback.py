@@ -38,7 +38,6 @@ from lightning_watch.regularize.rules import (
 )
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, StateRegistry
-from lightning_watch.tensorboard import add_layout
 from lightning_watch.warn import warn_once
 
 
@@ -176,7 +175,6 @@ class ActivityRegularizer(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the model is on its final device here (setup runs before it moves)
         self.state.allocate(pl_module.device)
-        add_layout(trainer, self.METRICS, self.GLOBAL_METRICS)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -6,8 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_watch.snapshot import TAG_PREFIX
-from lightning_watch.views.eventfiles import parse_tag
+from lightning_watch.snapshot import parse_tag
 
 
 def split_tag(tag: str) -> tuple[str, str | None]:
@@ -17,12 +16,8 @@ def split_tag(tag: str) -> tuple[str, str | None]:
         >>> split_tag("watch/grad_norm/net.0"), split_tag("watch/global/grad_norm"), split_tag("train_loss")
         (('grad_norm', 'net.0'), ('grad_norm', None), ('train_loss', None))
     """
-    parsed = parse_tag(tag)
-    return (tag, None) if parsed is None else parsed
-
-
-def _ours(tag: str) -> bool:
-    return tag.startswith((f"{TAG_PREFIX}/", f"{TAG_PREFIX}."))
+    parsed = parse_tag(tag)  # the current `watch.<metric>/<NN>.<module>` layout or the older one
+    return parsed if parsed is not None else (tag, None)
 
 
 def relative_gap(a: float, b: float, atol: float) -> float:
@@ -152,7 +147,7 @@ def diff_scalars(
                     seen = first.get(module)
                     if seen is None or (step, -gap) < (seen[0], -seen[1]):
                         first[module] = (step, gap, metric)
-        if module is None and not _ours(tag) and last_common is not None:
+        if (module is None and parse_tag(tag) is None) and last_common is not None:
             result.final[tag] = last_common
     if divergent:
         result.first_step = min(divergent)

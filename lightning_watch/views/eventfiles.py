@@ -13,39 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_watch.snapshot import TAG_PREFIX
+from lightning_watch.snapshot import parse_tag
 from lightning_watch.views.history import History
 
 EVENT_MARKER = "events.out.tfevents"
 ALERTS_NAME = "alerts.jsonl"
 
 Progress = Callable[[str], None]
-
-
-def parse_tag(tag: str) -> tuple[str, str | None] | None:
-    """``(metric, module)`` of one of our scalar tags (module ``None`` for a global one); ``None`` otherwise.
-
-    Both layouts are read: today's ``watch/<metric>/<module>`` and ``watch/global/<metric>``, and the
-    grouped ``watch.<metric>/<module>`` and ``watch.global/<metric>`` (one TensorBoard section per
-    metric), so logs written before and after the change report alike.
-
-    Example:
-        >>> parse_tag("watch/grad_norm/net.0"), parse_tag("watch.grad_norm/net.0")
-        (('grad_norm', 'net.0'), ('grad_norm', 'net.0'))
-        >>> parse_tag("watch/global/loss"), parse_tag("watch.global/loss"), parse_tag("train_loss")
-        (('loss', None), ('loss', None), None)
-    """
-    if tag.startswith(TAG_PREFIX + "/"):  # watch/<metric>/<module>, watch/global/<metric>
-        parts = tag.split("/", 2)
-        if len(parts) != 3 or not parts[1] or not parts[2]:
-            return None
-        return (parts[2], None) if parts[1] == "global" else (parts[1], parts[2])
-    if tag.startswith(TAG_PREFIX + "."):  # watch.<metric>/<module>, watch.global/<metric>
-        head, sep, rest = tag[len(TAG_PREFIX) + 1 :].partition("/")
-        if not sep or not head or not rest:
-            return None
-        return (rest, None) if head == "global" else (head, rest)
-    return None
 
 
 class NoRunsError(ValueError):

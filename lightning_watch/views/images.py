@@ -1,6 +1,6 @@
 """Pictures for TensorBoard's Images tab: layer x step heat maps and a gradient-flow bar chart.
 
-matplotlib is an optional extra (``pip install lightning-watch[plots]``): it is imported lazily,
+matplotlib is optional (``pip install matplotlib``; ``pip install -e ".[plots]"`` in a clone): it is imported lazily,
 and without it :func:`render_pictures` warns once and draws nothing. Figures are drawn on a bare
 ``matplotlib.figure.Figure`` with the Agg canvas, so pyplot's global state (the user's backend,
 open figures) is never touched.
@@ -139,7 +139,7 @@ def render_pictures(history: History) -> dict[str, Any]:
     if not matplotlib_available():
         warn_once(
             "views.no_matplotlib",
-            "lightning_watch pictures need matplotlib (`pip install lightning-watch[plots]`); "
+            "lightning_watch pictures need matplotlib (`pip install matplotlib`); "
             "the health report and every scalar are still written.",
         )
         return {}

@@ -9,11 +9,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_watch.tensorboard import add_text, run_log_dir, tensorboard_loggers
 from lightning_watch.views.health import HealthReport
 from lightning_watch.views.history import History
 from lightning_watch.views.images import matplotlib_available, render_pictures
 from lightning_watch.warn import warn_once
+from lightning_watch.writers import add_images, add_text, flush, run_log_dir, writers
 
 #: TensorBoard text tag of the end-of-fit report.
 REPORT_TAG = "watch_report/health"
@@ -165,16 +165,13 @@ class WatchViews:
         return spent <= self.picture_budget * elapsed
 
     def _draw(self, trainer: pl.Trainer, step: int) -> None:
-        if not trainer.is_global_zero or not tensorboard_loggers(trainer):
+        if not trainer.is_global_zero or not any(w.shows_media for w in writers(trainer)):
             return
-        for tag, image in render_pictures(self.history).items():
-            for logger in tensorboard_loggers(trainer):
-                logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+        add_images(trainer, render_pictures(self.history), step)
 
     def _write(self, trainer: pl.Trainer, log_dir: str | None, report: HealthReport) -> None:
         add_text(trainer, REPORT_TAG, report.to_markdown(), max(report.last_step, 0))
-        for logger in tensorboard_loggers(trainer):
-            logger.experiment.flush()
+        flush(trainer)
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
             with open(os.path.join(log_dir, HEALTH_MD), "w", encoding="utf-8") as f:

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import join_two_process_group, make_trainer, quiet_fit, read_scalars
+from helpers import join_two_process_group, legacy_tag, make_trainer, quiet_fit, read_scalars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -287,7 +287,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         restore = _count_gathers_per_publish(counts)
         snapshots: list[dict] = []
         watch = Watch(log_every_n_steps=1, sample_every_n_steps=1)
-        watch.add_listener(lambda t, m, s: snapshots.append(dict(s.scalars())))
+        watch.add_listener(lambda t, m, s: snapshots.append({legacy_tag(k): v for k, v in s.scalars().items()}))
         logger = pl.loggers.TensorBoardLogger(str(out), name="tb", version=0)
         trainer = make_trainer(out, [watch], strategy="ddp", devices=2, logger=logger, use_distributed_sampler=False)
         per_batch = _count_collectives_per_batch(watch, trainer.strategy)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TinyRegressor, make_trainer, read_scalars, regression_loader
+from helpers import TinyRegressor, legacy_tag, make_trainer, read_scalars, regression_loader
 
 from lightning_watch import Watch
 from lightning_watch.command import main
@@ -123,9 +123,9 @@ def test_diff_learning_rate_change_diverges_at_the_first_update(runs, capsys):
     payload = json.loads(out)
     # same weights and batch at step 0: gradients and activations agree; only the update differs
     assert payload["first_divergent_step"] == 0
-    metrics_at_0 = {d["tag"].split("/")[1] for d in payload["at_first_step"]}
+    metrics_at_0 = {legacy_tag(d["tag"]).split("/")[1] for d in payload["at_first_step"]}
     assert metrics_at_0 <= {"update_norm", "update_ratio", "global"}, metrics_at_0
-    gap = {d["tag"]: d for d in payload["at_first_step"]}["watch/update_ratio/net.0"]
+    gap = {legacy_tag(d["tag"]): d for d in payload["at_first_step"]}["watch/update_ratio/net.0"]
     assert gap["a"] == pytest.approx(2 * gap["b"], rel=1e-4)  # plain SGD: update is lr x gradient
     layers = {d["layer"]: d for d in payload["first_divergence_by_layer"]}
     assert layers["net.0"]["step"] == 0 and layers["net.1"]["step"] == 1  # a ReLU only feels it next step

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 import torch
-from helpers import TinyRegressor, make_trainer, regression_loader
+from helpers import TinyRegressor, legacy_tag, make_trainer, regression_loader
 
 from lightning_watch import Watch
 from lightning_watch.views.images import IMAGE_TAGS
@@ -79,9 +79,10 @@ def server(tmp_path_factory):
 def test_scalar_tags_and_values_served(server):
     base, run, _, published = server
     tags = json.loads(_get(base, "/data/plugin/scalars/tags"))[run]
-    expected = {tag for snapshot in published for tag in snapshot.scalars()}
-    assert expected <= set(tags)
-    points = json.loads(_get(base, "/data/plugin/scalars/scalars", run=run, tag="watch/grad_norm/net.0"))
+    expected = {legacy_tag(tag) for snapshot in published for tag in snapshot.scalars()}
+    assert expected <= {legacy_tag(tag) for tag in tags}
+    assert "watch.grad_norm/01.net.0" in tags  # net.0 is the model's second module, after net
+    points = json.loads(_get(base, "/data/plugin/scalars/scalars", run=run, tag="watch.grad_norm/01.net.0"))
     last_step, last_value = points[-1][1], points[-1][2]  # [wall_time, step, value]
     measured = [s for s in published if s.modules("grad_norm")]  # gradients are measured on logging steps
     assert last_step == measured[-1].step == 9 and published[-1].final and published[-1].step == 11
