@@ -51,6 +51,9 @@ class Watch(Callback):
             in the log directory and TensorBoard text ``watch_report/health`` are written either way.
         pictures: draw layer x step heat maps (dead fraction, update ratio) and a gradient-flow
             chart into TensorBoard's Images tab (needs matplotlib; skipped with one warning without).
+        final_pictures: ``None`` (default) draws the end-of-fit pictures when they fit the pictures'
+            budget of 1 % of the fit's wall time (a short fit skips them, and its report says so);
+            ``True`` always; ``False`` never.
 
     Raises:
         ValueError: if a family argument is neither a bool nor a monitor of that family, or if
@@ -81,6 +84,7 @@ class Watch(Callback):
         alerts: bool | EarlyAlerts = True,
         report: bool | None = None,
         pictures: bool = True,
+        final_pictures: bool | None = None,
     ) -> None:
         shared = {
             "include": include,
@@ -105,7 +109,7 @@ class Watch(Callback):
         self._listeners: list[SnapshotListener] = []
         self._busy = False  # whether any monitor works on the current batch
         # end-of-fit health report and TensorBoard pictures (lightning_watch/views/)
-        self.views = WatchViews(report=report, pictures=pictures)
+        self.views = WatchViews(report=report, pictures=pictures, final_pictures=final_pictures)
         if isinstance(alerts, bool):
             alerts = EarlyAlerts() if alerts else None
         elif not isinstance(alerts, EarlyAlerts):

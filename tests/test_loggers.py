@@ -23,7 +23,7 @@ STEPS, EVERY = 6, 2
 
 def _fit(logger, tmp_path: Path) -> Watch:
     torch.manual_seed(0)
-    watch = Watch(log_every_n_steps=EVERY)  # pictures are drawn at the end of fit whatever the budget
+    watch = Watch(log_every_n_steps=EVERY, final_pictures=True)  # the end-of-fit pictures, whatever the budget
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         max_steps=STEPS,

@@ -151,7 +151,7 @@ class WatchViews:
             return (
                 f"end-of-fit pictures skipped: drawing them (~{cost:.1f} s) "
                 f"would exceed {self.picture_budget:.0%} of this {elapsed:.1f} s fit; "
-                "`watch.views.final_pictures = True` draws them anyway"
+                "`Watch(final_pictures=True)` draws them anyway"
             )
         if trainer.is_global_zero:
             self._draw(trainer, max(self.history.last_step, 0))
