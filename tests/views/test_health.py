@@ -201,7 +201,8 @@ def test_short_fit_skips_its_end_of_fit_pictures_unless_asked(tmp_path, monkeypa
     trainer.fit(TinyRegressor(), regression_loader(n=128))
     assert drawn == []  # ~0.3 s of matplotlib would be many times this fit's 1 % budget
     report = json.loads(Path(trainer.log_dir, HEALTH_JSON).read_text())
-    assert any(n.startswith("end-of-fit pictures skipped") and "Watch(final_pictures=True)" in n for n in report["notes"])
+    notes = report["notes"]
+    assert any(n.startswith("end-of-fit pictures skipped") and "Watch(final_pictures=True)" in n for n in notes)
     assert report["checked"] is True
     acc = EventAccumulator(trainer.log_dir, size_guidance={"images": 0})
     acc.Reload()
