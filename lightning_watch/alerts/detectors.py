@@ -33,7 +33,8 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "symmetric_units": {"threshold": 1e-6, "patience": 2},
     # loss standard deviation within a window above this multiple of its mean (a batch of 1-2 samples)
     "noisy_training": {"threshold": 1.0, "patience": 3},
-    # at the end of fit: the loss fell by more than this share over the last two windows
+    # at the end of fit: the loss fell by more than this share over the last two windows (and is
+    # still above a tenth of its initial value)
     "still_improving": {"threshold": 0.1},
 }
 
@@ -229,7 +230,9 @@ def still_improving(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
     if len(losses) < 3 or not all(math.isfinite(v) and v > 0 for v in losses):
         return
     drop = (losses[0] - losses[-1]) / losses[0]
-    if losses[0] > losses[1] > losses[2] and drop > bound:
+    # a loss already far below where it started (a separable problem's cross-entropy keeps halving) is done
+    high = not math.isfinite(ctx.initial_loss) or losses[-1] > 0.1 * ctx.initial_loss
+    if losses[0] > losses[1] > losses[2] and drop > bound and high:
         yield ctx.alert(
             "still_improving",
             snapshot,

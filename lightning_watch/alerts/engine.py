@@ -81,6 +81,10 @@ class AlertEngine:
 
     def evaluate(self, snapshot: Snapshot, final: bool = False) -> list[Finding]:
         """Run every enabled rule on ``snapshot`` (``final``: the end of fit); returns the findings to raise now."""
+        # the end of fit, when its last step was judged already: only the rules about the end run again
+        rejudged = final and bool(self.history) and self.history[-1].step == snapshot.step
+        if rejudged:
+            self.history.pop()  # the rules see the history before this step, as when it was first judged
         ctx = self.context(final)
         disabled = self.config.disabled
         found: list[Alert] = []
@@ -88,8 +92,6 @@ class AlertEngine:
         covered: set[str] = set()
         # once values are NaN/Inf every other statistic is garbage (a NaN gradient row looks "dead")
         broken = snapshot.get("loss_nonfinite", default=0.0) > 0 or snapshot.get("grad_nonfinite", default=0.0) > 0
-        # the end of fit, when its last step was judged already: only the rules about the end run again
-        rejudged = final and bool(self.history) and self.history[-1].step == snapshot.step
         for rule in (*BUILTIN_RULES, *self.config.rules):
             if rejudged and not getattr(rule, "at_end", False):
                 continue
@@ -109,10 +111,7 @@ class AlertEngine:
                 # makes the same finding and may act on it now
                 shared.update(id(a) for a in produced)
         findings = self.record(found, covered, shared=shared)
-        if self.history and self.history[-1].step == snapshot.step:
-            self.history[-1] = snapshot  # the end-of-fit re-judgement of the last window
-        else:
-            self.history.append(snapshot)
+        self.history.append(snapshot)
         return findings
 
     def record(

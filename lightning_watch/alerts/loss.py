@@ -56,11 +56,12 @@ class LossWindow:
 
     Logged Metrics:
         - ``watch/global/loss``: mean of the finite training losses of the window.
+        - ``watch/global/loss_std``: their standard deviation (step-to-step noise).
         - ``watch/global/loss_min``, ``watch/global/loss_max``: their extremes.
         - ``watch/global/loss_nonfinite``: number of NaN/Inf losses in the window.
     """
 
-    GLOBAL_METRICS = ("loss", "loss_min", "loss_max", "loss_nonfinite")
+    GLOBAL_METRICS = ("loss", "loss_std", "loss_min", "loss_max", "loss_nonfinite")
 
     def __init__(self) -> None:
         self.cadence: Cadence | None = None
@@ -84,8 +85,8 @@ class LossWindow:
         self._on_host = device.type == "cpu"
         state = self.state
         state.clear()
-        # finite sum, finite count, non-finite count; then min and max of the finite losses
-        state.declare("sums", (3,), reduce="sum", host=self._on_host)
+        # finite sum, finite count, non-finite count, finite sum of squares; then min and max of the finite losses
+        state.declare("sums", (4,), reduce="sum", host=self._on_host)
         state.declare("low", (1,), reduce="min", host=self._on_host)
         state.declare("high", (1,), reduce="max", host=self._on_host)
         state.allocate(device)
@@ -118,6 +119,7 @@ class LossWindow:
             if finite:
                 sums[0] += value
                 sums[1] += 1
+                sums[3] += value * value
                 self.state["low"][0] = min(self.state["low"][0], value)
                 self.state["high"][0] = max(self.state["high"][0], value)
             else:
@@ -141,7 +143,8 @@ class LossWindow:
         losses = self._ring[: self._filled]
         finite = torch.isfinite(losses)
         count = finite.sum(dtype=losses.dtype)
-        self.state["sums"].add_(torch.stack([torch.where(finite, losses, 0.0).sum(), count, self._filled - count]))
+        kept = torch.where(finite, losses, 0.0)
+        self.state["sums"].add_(torch.stack([kept.sum(), count, self._filled - count, kept.square().sum()]))
         low, high = self.state["low"], self.state["high"]
         torch.minimum(low, torch.where(finite, losses, math.inf).amin(), out=low)
         torch.maximum(high, torch.where(finite, losses, -math.inf).amax(), out=high)
@@ -167,13 +170,15 @@ class LossWindow:
     def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
         if f"{self.KEY}.sums" not in values:
             return
-        total, count, nonfinite = values[f"{self.KEY}.sums"]
+        total, count, nonfinite, squares = values[f"{self.KEY}.sums"]
         initial_sum, initial_count = values[f"{self.KEY}.initial"]
         if count + nonfinite == 0:
             return  # no loss was seen (manual optimization returning nothing)
         snapshot.put("loss_nonfinite", nonfinite)
         if count:
-            snapshot.put("loss", total / count)
+            mean = total / count
+            snapshot.put("loss", mean)
+            snapshot.put("loss_std", math.sqrt(max(squares / count - mean * mean, 0.0)))
             snapshot.put("loss_min", values[f"{self.KEY}.low"][0])
             snapshot.put("loss_max", values[f"{self.KEY}.high"][0])
         if initial_count and not math.isfinite(self.initial_loss):

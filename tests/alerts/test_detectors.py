@@ -1,0 +1,220 @@
+"""The fault detectors (lightning_watch/alerts/detectors.py) and their probes: each on a sick and a healthy run."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import make_trainer, quiet_fit, read_scalars
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_watch import EarlyAlerts, Watch
+
+CLASSES, FEATURES = 4, 8
+
+
+def blobs(n: int = 256, scale: float = 1.0, seed: int = 0) -> TensorDataset:
+    """Four separable Gaussian blobs, standardized unless ``scale`` says otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % CLASSES
+    centers = torch.randn(CLASSES, FEATURES, generator=g) * 2
+    x = (centers[y] + torch.randn(n, FEATURES, generator=g)) / 2.5
+    return TensorDataset(x * scale, y)
+
+
+def loader(data: TensorDataset | None = None, batch_size: int = 32) -> DataLoader:
+    return DataLoader(data or blobs(), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+class Classifier(pl.LightningModule):
+    """An MLP classifier; ``head`` is applied to the logits (the fault under test), ``detach_after`` cuts the graph."""
+
+    def __init__(self, head: nn.Module | None = None, detach: bool = False, lr: float = 0.1, hidden: int = 16):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(FEATURES, hidden), nn.Linear(hidden, CLASSES)
+        self.head = head if head is not None else nn.Identity()
+        self.detach, self.lr = detach, lr
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if self.detach:
+            h = h.detach()  # the fault: fc1 never gets a gradient
+        return self.head(self.fc2(h))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class ManualClassifier(Classifier):
+    """Manual optimization; ``zero_grad=False`` forgets ``optimizer.zero_grad()``; returns nothing."""
+
+    def __init__(self, zero_grad: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.zero_grad_each_step = zero_grad
+        self.backward_losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.backward_losses.append(loss.item())
+        if self.zero_grad_each_step:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        # returns None: the loss is known to lightning_watch only through `manual_backward`
+
+
+def codes(tmp_path, model, data=None, steps=60, every=10, batch_size=32, quiet=True, **alert_args):
+    watch = Watch(log_every_n_steps=every, alerts=EarlyAlerts(**alert_args), report=False, pictures=False)
+    trainer = make_trainer(tmp_path, [watch], max_steps=steps, max_epochs=None)
+    if quiet:
+        quiet_fit(trainer, model, loader(data, batch_size), seed=0)
+    else:  # warnings shown as they would be to a user
+        pl.seed_everything(0, verbose=False)
+        trainer.fit(model, loader(data, batch_size))
+    return {a.code: a for a in watch.alerts}, trainer
+
+
+# ---------------------------------------------------------------------- gradient hygiene
+def test_a_forgotten_zero_grad_is_an_error_and_a_zeroed_one_is_not(tmp_path):
+    sick, _ = codes(tmp_path / "sick", ManualClassifier(zero_grad=False))
+    assert sick["gradients_not_zeroed"].severity == "error"
+    healthy, _ = codes(tmp_path / "healthy", ManualClassifier(zero_grad=True))
+    assert "gradients_not_zeroed" not in healthy
+
+
+def test_manual_optimization_returning_none_still_feeds_the_loss_rules(tmp_path):
+    model = ManualClassifier()
+    _, trainer = codes(tmp_path, model, steps=20)
+    logged = dict(read_scalars(trainer.log_dir)["watch/global/loss"])
+    # the window mean of the losses the model backpropagated (independent record in the module)
+    assert logged[9] == pytest.approx(sum(model.backward_losses[:10]) / 10, rel=1e-6)
+    assert logged[19] == pytest.approx(sum(model.backward_losses[10:20]) / 10, rel=1e-6)
+
+
+def test_a_detach_in_forward_leaves_parameters_without_gradient(tmp_path):
+    sick, _ = codes(tmp_path / "sick", Classifier(detach=True))
+    alert = sick["disconnected_parameters"]
+    total = FEATURES * 16 + 16 + 16 * CLASSES + CLASSES
+    assert alert.value == pytest.approx((FEATURES * 16 + 16) / total)  # fc1's share of the trainable elements
+    assert "fc1" in alert.message
+    healthy, _ = codes(tmp_path / "healthy", Classifier())
+    assert "disconnected_parameters" not in healthy
+
+
+# ---------------------------------------------------------------------- data and outputs
+def test_raw_scale_inputs_are_unnormalized_and_standardized_ones_are_not(tmp_path):
+    data = blobs(scale=255.0)
+    sick, trainer = codes(tmp_path / "sick", Classifier(lr=1e-4), data)
+    alert = sick["unnormalized_inputs"]
+    x = data.tensors[0]
+    logged = read_scalars(trainer.log_dir)
+    # the logged std is the std of the sampled batches: close to the data set's (shuffled batches)
+    assert logged["watch/global/input_std"][0][1] == pytest.approx(x.std().item(), rel=0.2)
+    assert alert.value == pytest.approx(
+        max(abs(logged["watch/global/input_mean"][0][1]), logged["watch/global/input_std"][0][1]), rel=1e-5
+    )
+    healthy, _ = codes(tmp_path / "healthy", Classifier())
+    assert "unnormalized_inputs" not in healthy
+
+
+def test_a_softmax_before_cross_entropy_stays_at_chance_and_says_why(tmp_path):
+    settings = {"chance_level_loss": {"min_steps": 40}}
+    sick, _ = codes(tmp_path / "sick", Classifier(head=nn.Softmax(dim=-1), lr=0.01), steps=80, settings=settings)
+    alert = sick["chance_level_loss"]
+    assert alert.value >= 0.9 and "softmax" in alert.message
+    healthy, _ = codes(tmp_path / "healthy", Classifier(), steps=80, settings=settings)
+    assert "chance_level_loss" not in healthy
+
+
+def test_a_relu_on_the_logits_is_seen_in_the_outputs(tmp_path):
+    sick, trainer = codes(tmp_path / "sick", Classifier(head=nn.ReLU()), steps=60)
+    assert sick["rectified_outputs"].value > 0.5
+    healthy, trainer = codes(tmp_path / "healthy", Classifier(), steps=60)
+    assert "rectified_outputs" not in healthy
+    assert read_scalars(trainer.log_dir)["watch/global/output_zero_frac"][-1][1] == 0.0
+
+
+def test_batches_of_one_are_noisy_training(tmp_path):
+    sick, trainer = codes(tmp_path / "sick", Classifier(lr=0.2), steps=200, every=40, batch_size=1)
+    logged = read_scalars(trainer.log_dir)
+    ratios = [std / mean for (_, std), (_, mean) in zip(logged["watch/global/loss_std"], logged["watch/global/loss"])]
+    assert sick["noisy_training"].value == pytest.approx(ratios[sick["noisy_training"].step // 40], rel=1e-5)
+    # a batch of 32 on the same task, even near convergence (lr 0.5), stays below the threshold
+    healthy, _ = codes(tmp_path / "healthy", Classifier(lr=0.5), steps=200, every=40, batch_size=32)
+    assert "noisy_training" not in healthy
+
+
+# ---------------------------------------------------------------------- weights
+def test_a_constant_initialisation_makes_symmetric_units(tmp_path):
+    # every weight constant: fc1's units get equal gradients (fc2's columns are equal) and stay copies;
+    # a constant layer before a random one would break its symmetry at the first step
+    model = Classifier()
+    for layer in (model.fc1, model.fc2):
+        nn.init.constant_(layer.weight, 0.1)
+        nn.init.constant_(layer.bias, 0.0)
+    sick, _ = codes(tmp_path / "sick", model)
+    assert sick["symmetric_units"].module == "fc1" and sick["symmetric_units"].value == 0.0
+    healthy, _ = codes(tmp_path / "healthy", Classifier())
+    assert "symmetric_units" not in healthy
+
+
+def test_frozen_parameters_are_information_with_their_share(tmp_path):
+    model = Classifier()
+    model.fc1.requires_grad_(False)
+    sick, _ = codes(tmp_path / "sick", model, steps=10)
+    alert = sick["frozen_parameters"]
+    total = FEATURES * 16 + 16 + 16 * CLASSES + CLASSES
+    assert alert.severity == "info" and alert.value == pytest.approx((FEATURES * 16 + 16) / total)
+    assert "fc1" in alert.message and "disconnected_parameters" not in sick  # frozen is not disconnected
+    healthy, _ = codes(tmp_path / "healthy", Classifier(), steps=10)
+    assert "frozen_parameters" not in healthy
+
+
+# ---------------------------------------------------------------------- framework warnings and the end of fit
+class Regressor(pl.LightningModule):
+    def __init__(self, broadcast: bool):
+        super().__init__()
+        self.net, self.broadcast = nn.Linear(FEATURES, 1), broadcast
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.net(x)  # (N, 1)
+        target = y.float() if self.broadcast else y.float().unsqueeze(1)  # (N,) broadcasts to (N, N)
+        return nn.functional.mse_loss(out, target)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_pytorchs_broadcast_warning_becomes_an_alert(tmp_path):
+    sick, _ = codes(tmp_path / "sick", Regressor(broadcast=True), steps=10, quiet=False)
+    alert = sick["framework_warning"]
+    assert "target size" in alert.message and alert.step == 0
+    healthy, _ = codes(tmp_path / "healthy", Regressor(broadcast=False), steps=10, quiet=False)
+    assert "framework_warning" not in healthy
+
+
+def test_a_fit_that_ends_while_improving_says_train_longer(tmp_path):
+    sick, _ = codes(tmp_path / "sick", Classifier(lr=0.1), steps=30, every=10)
+    assert sick["still_improving"].severity == "info" and sick["still_improving"].step == 29
+    healthy, _ = codes(tmp_path / "healthy", Classifier(lr=0.5), steps=300, every=50)
+    assert "still_improving" not in healthy
+
+
+def test_a_fit_shorter_than_its_logging_interval_is_still_judged(tmp_path):
+    watch = Watch(report=False, pictures=False)  # the Trainer's 50-step interval, never reached
+    trainer = make_trainer(tmp_path, [watch], max_steps=30, max_epochs=None, log_every_n_steps=50)
+    quiet_fit(trainer, Classifier(), loader(), seed=0)
+    assert watch.last_snapshot is not None and watch.last_snapshot.final and watch.last_snapshot.step == 29
+    loss = read_scalars(trainer.log_dir)["watch/global/loss"]
+    assert [step for step, _ in loss] == [29] and math.isfinite(loss[0][1])
