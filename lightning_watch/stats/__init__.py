@@ -5,11 +5,14 @@ from lightning_watch.stats.kernels import (
     Moments,
     accumulator_dtype,
     alive_units,
+    as_real,
     grad_rows_alive,
     group_norms,
     l2_norms,
+    local_tensor,
     moments,
     nonfinite_count,
+    replica_weight,
 )
 from lightning_watch.stats.reduce import StatBlock, read_blocks
 
@@ -19,10 +22,13 @@ __all__ = [
     "StatBlock",
     "accumulator_dtype",
     "alive_units",
+    "as_real",
     "grad_rows_alive",
     "group_norms",
     "l2_norms",
+    "local_tensor",
     "moments",
     "nonfinite_count",
     "read_blocks",
+    "replica_weight",
 ]
