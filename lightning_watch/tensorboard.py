@@ -6,6 +6,7 @@ writer ever touches a device tensor's value (Lightning's loggers call ``.item()`
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterable, Mapping
 
@@ -16,6 +17,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
 from lightning_watch.snapshot import TAG_PREFIX, Snapshot
+from lightning_watch.warn import warn_write_failed
 
 #: Layout category under which TensorBoard's "Custom Scalars" tab groups our charts.
 LAYOUT_CATEGORY = "lightning_watch"
@@ -50,10 +52,21 @@ def log_scalars(trainer: pl.Trainer, snapshot: Snapshot) -> None:
     if not scalars:
         return
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            _write_summary(logger, scalars, snapshot.step)
-        else:
-            logger.log_metrics(scalars, step=snapshot.step)
+        try:
+            if isinstance(logger, TensorBoardLogger):
+                _write_summary(logger, scalars, snapshot.step)
+            else:
+                logger.log_metrics(scalars, step=snapshot.step)
+        except Exception as err:  # a failing logger costs its own output, never the run
+            warn_write_failed(logger_target(logger), err)
+
+
+def logger_target(logger: object) -> str:
+    """What a failed write names: the logger's directory when it has one."""
+    where = None
+    with contextlib.suppress(Exception):  # some loggers compute their directory, and may fail too
+        where = getattr(logger, "log_dir", None)
+    return f"{type(logger).__name__} ({where})" if where else type(logger).__name__
 
 
 def _write_summary(logger: TensorBoardLogger, scalars: Mapping[str, float], step: int) -> None:
@@ -68,13 +81,16 @@ def add_layout(trainer: pl.Trainer, metrics: Iterable[str], global_metrics: Iter
     if not trainer.is_global_zero:
         return
     for logger in tensorboard_loggers(trainer):
-        writer = logger.experiment
-        charts = _layouts.setdefault(writer, {})
-        for metric in metrics:
-            charts[metric] = ["Multiline", [rf"^{TAG_PREFIX}/{metric}/"]]
-        for metric in global_metrics:
-            charts[f"global/{metric}"] = ["Multiline", [rf"^{TAG_PREFIX}/global/{metric}$"]]
-        writer.add_custom_scalars({LAYOUT_CATEGORY: dict(charts)})
+        try:
+            writer = logger.experiment
+            charts = _layouts.setdefault(writer, {})
+            for metric in metrics:
+                charts[metric] = ["Multiline", [rf"^{TAG_PREFIX}/{metric}/"]]
+            for metric in global_metrics:
+                charts[f"global/{metric}"] = ["Multiline", [rf"^{TAG_PREFIX}/global/{metric}$"]]
+            writer.add_custom_scalars({LAYOUT_CATEGORY: dict(charts)})
+        except Exception as err:
+            warn_write_failed(logger_target(logger), err)
 
 
 def add_histograms(trainer: pl.Trainer, tensors: Mapping[str, Tensor], step: int) -> None:
@@ -82,8 +98,11 @@ def add_histograms(trainer: pl.Trainer, tensors: Mapping[str, Tensor], step: int
     if not trainer.is_global_zero or not tensors:
         return
     for logger in tensorboard_loggers(trainer):
-        for tag, tensor in tensors.items():
-            logger.experiment.add_histogram(tag, tensor.detach().float().cpu(), global_step=step)
+        try:
+            for tag, tensor in tensors.items():
+                logger.experiment.add_histogram(tag, tensor.detach().float().cpu(), global_step=step)
+        except Exception as err:
+            warn_write_failed(logger_target(logger), err)
 
 
 def add_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> None:
@@ -91,4 +110,7 @@ def add_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> None:
     if not trainer.is_global_zero:
         return
     for logger in tensorboard_loggers(trainer):
-        logger.experiment.add_text(tag, text, global_step=step)
+        try:
+            logger.experiment.add_text(tag, text, global_step=step)
+        except Exception as err:
+            warn_write_failed(logger_target(logger), err)

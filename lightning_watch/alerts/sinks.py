@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 
 from lightning_watch.alerts.alert import Alert
 from lightning_watch.tensorboard import add_text, run_log_dir
+from lightning_watch.warn import warn_write_failed
 
 #: the logger every alert is sent to
 logger = logging.getLogger("lightning_watch.alerts")
@@ -52,9 +53,12 @@ class AlertSinks:
             self._warned.add(alert.key)
             warnings.warn(alert.summary(), AlertWarning, stacklevel=2)
         if self.path is not None:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(alert.to_json() + "\n")
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(alert.to_json() + "\n")
+            except Exception as err:  # a read-only or full disk must not stop training
+                warn_write_failed(self.path, err, "Alerts still go to Python logging and `watch.alerts`.")
         add_text(trainer, f"alerts/{alert.code}", _markdown(alert), max(alert.step, 0))
 
 

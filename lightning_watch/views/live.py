@@ -9,11 +9,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_watch.tensorboard import add_text, run_log_dir, tensorboard_loggers
+from lightning_watch.tensorboard import add_text, logger_target, run_log_dir, tensorboard_loggers
 from lightning_watch.views.health import HealthReport
 from lightning_watch.views.history import History
 from lightning_watch.views.images import render_pictures
-from lightning_watch.warn import warn_once
+from lightning_watch.warn import warn_once, warn_write_failed
 
 #: TensorBoard text tag of the end-of-fit report.
 REPORT_TAG = "watch_report/health"
@@ -133,18 +133,28 @@ class WatchViews:
             return
         for tag, image in render_pictures(self.history).items():
             for logger in tensorboard_loggers(trainer):
-                logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+                try:
+                    logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+                except Exception as err:  # pictures are optional; training and the report go on
+                    warn_write_failed(f"{logger_target(logger)} (pictures)", err)
 
     def _write(self, trainer: pl.Trainer, log_dir: str | None, report: HealthReport) -> None:
         add_text(trainer, REPORT_TAG, report.to_markdown(), max(report.last_step, 0))
         for logger in tensorboard_loggers(trainer):
-            logger.experiment.flush()
+            try:
+                logger.experiment.flush()
+            except Exception as err:
+                warn_write_failed(logger_target(logger), err)
         if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-            with open(os.path.join(log_dir, HEALTH_MD), "w", encoding="utf-8") as f:
-                f.write(report.to_markdown() + "\n")
-            with open(os.path.join(log_dir, HEALTH_JSON), "w", encoding="utf-8") as f:
-                f.write(report.to_json() + "\n")
+            # each file on its own: a health.md that fails must not cost health.json
+            for name, text in ((HEALTH_MD, report.to_markdown), (HEALTH_JSON, report.to_json)):
+                path = os.path.join(log_dir, name)
+                try:
+                    os.makedirs(log_dir, exist_ok=True)
+                    with open(path, "w", encoding="utf-8") as f:
+                        f.write(text() + "\n")
+                except Exception as err:
+                    warn_write_failed(path, err, "The report is still in TensorBoard's Text tab and `watch.views`.")
 
 
 def _wait_for_rank_zero(trainer: pl.Trainer) -> None:
