@@ -1,0 +1,252 @@
+"""Sharded parameters (DTensor): FSDP2 through Lightning's ModelParallelStrategy, 2 gloo processes on CPU.
+
+Every monitor works on each rank's local shards: the gradient, weight and update norms logged by
+``Watch`` must equal a reference that gathers the whole tensors with ``full_tensor()``; Watch itself
+never gathers a parameter, its pre-step copy holds local shards only, and each logging step costs
+one collective.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _robust import Recorder
+from conftest import join_two_process_group, make_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_watch import Watch, WatchWarning
+from lightning_watch.monitors import ParameterDeltaMonitor
+
+pytest.importorskip("torch.distributed.fsdp")
+if not torch.distributed.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+STEPS, LOG_EVERY = 6, 3
+LINEARS = ("net.0", "net.2", "net.4")
+
+
+class Sharded(pl.LightningModule):
+    """Three Linear layers, each fully sharded (FSDP2) over the data-parallel mesh in `configure_model`.
+
+    ``net.4`` (1 x 4 weight, 1 bias) has fewer rows than ranks: rank 1's shards are empty.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1))
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * STEPS * 4, 6, generator=g)
+    return TensorDataset(x, x[:, :1] * 2 - x[:, 1:2])
+
+
+class CopyProbe(pl.Callback):
+    """Right after the monitors' `on_before_optimizer_step`: what the pre-step copy holds."""
+
+    def __init__(self, deltas: ParameterDeltaMonitor) -> None:
+        self.deltas = deltas
+        self.copies: list[tuple[bool, int, int]] = []  # (any DTensor, copied elements, local elements)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        before = self.deltas._before
+        if before:
+            from torch.distributed.tensor import DTensor
+
+            local = sum(p.to_local().numel() for p in pl_module.parameters())
+            self.copies.append((any(isinstance(t, DTensor) for t in before), sum(t.numel() for t in before), local))
+
+
+def _count_gathers(trainer, counts: list[int]):
+    """Count the strategy's all-gathers inside each publication (the one read)."""
+    import lightning_watch.watch as watch_module
+
+    original = watch_module.publish
+    strategy = trainer.strategy
+    gather = strategy.all_gather
+
+    def publish(*args, **kwargs):
+        calls = []
+
+        def counting(*a, **k):
+            calls.append(1)
+            return gather(*a, **k)
+
+        strategy.all_gather = counting
+        try:
+            return original(*args, **kwargs)
+        finally:
+            del strategy.all_gather
+            counts.append(len(calls))
+
+    watch_module.publish = publish
+    return lambda: setattr(watch_module, "publish", original)
+
+
+def _forbid_gathers_from_watch():
+    """Make ``full_tensor``/``redistribute`` called from lightning_watch code fail loudly."""
+    from torch.distributed.tensor import DTensor
+
+    saved = {name: getattr(DTensor, name) for name in ("full_tensor", "redistribute")}
+    calls: list[str] = []
+    package = str(Path(__file__).resolve().parents[1] / "lightning_watch")
+
+    for name, original in saved.items():
+
+        def guarded(self, *a, _original=original, _name=name, **k):
+            caller = inspect.stack()[1].filename
+            if caller.startswith(package):
+                calls.append(f"{_name} from {caller}")
+            return _original(self, *a, **k)
+
+        setattr(DTensor, name, guarded)
+
+    def restore():
+        for name, original in saved.items():
+            setattr(DTensor, name, original)
+
+    return calls, restore
+
+
+def _worker(rank: int, out: str, port: int) -> None:
+    join_two_process_group(rank, port)
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    out = Path(out)
+    result: dict = {"rank": rank}
+    try:
+        for watched in (False, True):
+            torch.manual_seed(0)
+            recorder = Recorder()
+            watch = Watch(log_every_n_steps=LOG_EVERY, sample_every_n_steps=1, alerts=False, pictures=False)
+            snapshots: list = []
+            watch.add_listener(lambda t, m, s: snapshots.append(s))
+            callbacks = [recorder] + ([watch, CopyProbe(watch.monitor(ParameterDeltaMonitor))] if watched else [])
+            strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+            trainer = make_trainer(
+                out / str(watched), callbacks, strategy=strategy, devices=2, logger=False, max_steps=STEPS
+            )
+            counts: list[int] = []
+            restore_publish = _count_gathers(trainer, counts)
+            gathers, restore_dtensor = _forbid_gathers_from_watch()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    trainer.fit(Sharded(), DataLoader(data(), batch_size=4))
+                finally:
+                    restore_publish()
+                    restore_dtensor()
+            key = "watched" if watched else "bare"
+            result[key] = {
+                "losses": recorder.losses,
+                "grads": recorder.grads,
+                "before": recorder.before,
+                "after": recorder.after,
+            }
+            if watched:
+                result.update(
+                    snapshots=[(s.step, dict(s.scalars())) for s in snapshots],
+                    gathers_per_publish=counts,
+                    watch_gathers=gathers,
+                    copies=watch.monitors and callbacks[-1].copies,
+                    warnings=[str(w.message) for w in caught if issubclass(w.category, WatchWarning)],
+                )
+        torch.save(result, out / f"rank{rank}.pt")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    path = tmp_path_factory.mktemp("fsdp2")
+    context = torch.multiprocessing.spawn(_worker, args=(str(path), find_free_network_port()), nprocs=2, join=False)
+    deadline = 180.0
+    while not context.join(timeout=5):
+        deadline -= 5
+        if deadline <= 0:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError("the 2-process FSDP2 group did not finish: a rank hangs in a collective")
+    return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _norm(values: dict, names) -> float:
+    return math.sqrt(sum(values[n] for n in names))
+
+
+def _tensor_norm(tensors: dict, names, other: dict | None = None) -> float:
+    total = 0.0
+    for n in names:
+        t = tensors[n] if other is None else other[n] - tensors[n]
+        total += float(t.double().square().sum())
+    return math.sqrt(total)
+
+
+def test_fsdp2_trains_identically_and_logs_the_full_tensor_norms(sharded_run):
+    r0, r1 = sharded_run
+    for result in (r0, r1):
+        assert result["watched"]["losses"] == result["bare"]["losses"]  # Watch changed nothing
+        assert result["warnings"] == [], result["warnings"]
+    snapshots = dict(r0["snapshots"])
+    assert sorted(snapshots) == [2, 5]
+    # both ranks publish the same reduced values
+    assert dict(r1["snapshots"]) == snapshots
+    rec = r0["watched"]
+    for step, scalars in snapshots.items():
+        grads, before, after = rec["grads"][step], rec["before"][step], rec["after"][step]
+        assert scalars["watch/global/grad_norm"] == pytest.approx(_norm(grads, list(grads)), rel=1e-5)
+        for module in LINEARS:
+            names = [f"{module}.weight", f"{module}.bias"]
+            assert scalars[f"watch/grad_norm/{module}"] == pytest.approx(_norm(grads, names), rel=1e-5), module
+            param = _tensor_norm(before, names)
+            update = _tensor_norm(before, names, after)
+            assert scalars[f"watch/param_norm/{module}"] == pytest.approx(param, rel=1e-5), module
+            assert scalars[f"watch/update_norm/{module}"] == pytest.approx(update, rel=1e-4), module
+            assert scalars[f"watch/update_ratio/{module}"] == pytest.approx(update / param, rel=1e-4), module
+        everything = list(before)
+        ratio = _tensor_norm(before, everything, after) / _tensor_norm(before, everything)
+        assert scalars["watch/global/update_ratio"] == pytest.approx(ratio, rel=1e-4)
+        # activation and dead-unit statistics are reduced over both ranks' samples
+        assert 0.0 <= scalars["watch/dead_frac/net.0"] <= 1.0
+        assert scalars["watch/act_rms/net.0"] > 0
+
+
+def test_fsdp2_watch_gathers_no_parameter_and_reads_once(sharded_run):
+    for result in sharded_run:
+        assert result["watch_gathers"] == []  # no full_tensor()/redistribute from lightning_watch
+        assert result["gathers_per_publish"] == [1, 1]  # one collective per logging step
+        assert result["copies"], "the pre-step copy was taken"
+        for any_dtensor, copied, local in result["copies"]:
+            assert not any_dtensor and copied == local  # local shards only
+    # the shards differ in size: rank 1 holds no row of net.4, rank 0 all of it
+    assert sharded_run[0]["copies"][0][2] > sharded_run[1]["copies"][0][2]
