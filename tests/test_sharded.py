@@ -147,7 +147,7 @@ def _worker(rank: int, out: str, port: int) -> None:
             recorder = Recorder()
             watch = Watch(log_every_n_steps=LOG_EVERY, sample_every_n_steps=1, alerts=False, pictures=False)
             snapshots: list = []
-            watch.add_listener(lambda t, m, s: snapshots.append(s))
+            watch.add_listener(lambda t, m, s, _into=snapshots: _into.append(s))
             callbacks = [recorder] + ([watch, CopyProbe(watch.monitor(ParameterDeltaMonitor))] if watched else [])
             strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
             trainer = make_trainer(
@@ -175,13 +175,58 @@ def _worker(rank: int, out: str, port: int) -> None:
                     snapshots=[(s.step, dict(s.scalars())) for s in snapshots],
                     gathers_per_publish=counts,
                     watch_gathers=gathers,
-                    copies=watch.monitors and callbacks[-1].copies,
+                    copies=callbacks[-1].copies,
                     warnings=[str(w.message) for w in caught if issubclass(w.category, WatchWarning)],
                 )
+        result["ddp"] = {reinit: _ddp_fit(out / f"ddp{reinit}", rank, reinit) for reinit in (False, True)}
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+class Reinit(pl.Callback):
+    """A user bug: rank 1 re-initialises ``fc1`` after DDP's start-up broadcast."""
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            with torch.no_grad():
+                pl_module.fc1.reset_parameters()
+
+
+class Replicated(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _ddp_fit(out: Path, rank: int, reinit: bool) -> dict:
+    torch.manual_seed(0)
+    watch = Watch(log_every_n_steps=2, pictures=False)
+    snapshots: list = []
+    watch.add_listener(lambda t, m, s: snapshots.append(dict(s.scalars())))
+    callbacks = [watch] + ([Reinit()] if reinit else [])
+    trainer = make_trainer(out, callbacks, strategy="ddp", devices=2, logger=False, max_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Replicated(), DataLoader(data(), batch_size=4))
+    return {
+        "alerts": [(a.code, a.module, a.severity) for a in watch.alerts],
+        "spread": [{k: v for k, v in s.items() if "replica_spread" in k} for s in snapshots],
+        "fc1": [float(p.detach().double().sum()) for p in trainer.lightning_module.fc1.parameters()],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +295,19 @@ def test_fsdp2_watch_gathers_no_parameter_and_reads_once(sharded_run):
             assert not any_dtensor and copied == local  # local shards only
     # the shards differ in size: rank 1 holds no row of net.4, rank 0 all of it
     assert sharded_run[0]["copies"][0][2] > sharded_run[1]["copies"][0][2]
+
+
+def test_ddp_replicas_out_of_sync_raise_an_error_alert(sharded_run):
+    r0, r1 = sharded_run
+    # the premise: rank 1's fc1 really differs after the broadcast, and only under the bug
+    assert r0["ddp"][False]["fc1"] == r1["ddp"][False]["fc1"]
+    assert r0["ddp"][True]["fc1"] != r1["ddp"][True]["fc1"]
+    for result in (r0, r1):
+        healthy, broken = result["ddp"][False], result["ddp"][True]
+        assert not [a for a in healthy["alerts"] if a[0] == "replicas_out_of_sync"]
+        assert healthy["spread"] == [{}, {}]  # healthy replicas log nothing
+        assert ("replicas_out_of_sync", "fc1", "error") in broken["alerts"]
+        assert [a[1] for a in broken["alerts"] if a[0] == "replicas_out_of_sync"] == ["fc1"]  # fc2 stays in sync
+        assert all(
+            set(s) == {"watch/replica_spread/fc1"} and s["watch/replica_spread/fc1"] > 1e-3 for s in broken["spread"]
+        )

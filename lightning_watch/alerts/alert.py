@@ -28,6 +28,7 @@ class AlertCode(str, Enum):
     BATCH_MIXING = "batch_mixing"
     SMALL_BATCH_NORM = "small_batch_norm"
     UNSEEDED_RUN = "unseeded_run"
+    REPLICAS_OUT_OF_SYNC = "replicas_out_of_sync"
 
 
 #: every built-in code, as plain strings

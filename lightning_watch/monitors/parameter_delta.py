@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from lightning_watch.cadence import logging_step
 from lightning_watch.monitors._params import ParameterMonitor
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, l2_norms, local_tensor, replica_weight
+from lightning_watch.stats import StatBlock, as_real, l2_norms, local_tensor, replica_weight
 
 
 class ParameterDeltaMonitor(ParameterMonitor):
@@ -39,6 +39,8 @@ class ParameterDeltaMonitor(ParameterMonitor):
         - ``watch/update_norm/<module>``: ‖W_after − W_before‖ over the module's own trainable parameters.
         - ``watch/update_ratio/<module>``: ``update_norm / param_norm`` (before the step).
         - ``watch/param_norm/<module>``: ‖W‖ before the step.
+        - ``watch/replica_spread/<module>``: under DDP only, and only when replicas differ: relative
+          spread across ranks of the module's parameter sum (raises ``replicas_out_of_sync``).
         - ``watch/global/update_ratio``: the same ratio over all watched trainable parameters.
         - ``watch/global/optimizer_steps``: optimizer steps taken in the logging batch (0 means
           no ``optimizer.step()`` ran: the deltas are 0 because nothing stepped).
@@ -65,7 +67,8 @@ class ParameterDeltaMonitor(ParameterMonitor):
         self._before: list[Tensor] | None = None
         self._entries: list[tuple[int, str, nn.Parameter]] = []
         self._steps = 0
-        self._result: tuple[Tensor, Tensor, Tensor] | None = None
+        self._result: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._checksum: Tensor | None = None  # per-module parameter sums (data-parallel runs)
 
     def _reset(self) -> None:
         self._clear()
@@ -90,6 +93,7 @@ class ParameterDeltaMonitor(ParameterMonitor):
         stepped = self._before is not None  # else no optimizer step ran in this batch
         if not stepped:
             self._entries = self._table.trainable()
+        self._checksum = None
         params = [p for _, _, p in self._entries]
         # sharded (DTensor) weights: local shards, each replicated placement counted once in the sum
         weights = [replica_weight(p) for p in params]
@@ -113,6 +117,11 @@ class ParameterDeltaMonitor(ParameterMonitor):
             # whole-model squares over distinct parameters: a tied weight counts once here
             totals = torch.stack([torch.stack(delta_norms).square().sum(), torch.stack(before_norms).square().sum()])
             self._result = (update_sq, param_sq, count, totals.to(self._device))
+            if trainer is not None and trainer.world_size > 1 and not self._sharded:
+                # replicas must hold equal weights: a float64 sum per parameter, compared across
+                # ranks by the same read (max and min), catches one that drifted away
+                sums = torch.stack([as_real(a).sum(dtype=torch.float64) for a in after]).to(self._device)
+                self._checksum = self._table.per_module_sums(params, sums, self._device)
         self._before = None  # release the copy
 
     def _collect(self, trainer: pl.Trainer) -> StatBlock:
@@ -125,6 +134,10 @@ class ParameterDeltaMonitor(ParameterMonitor):
         add(self._key("update_sq"), update_sq[:m])
         add(self._key("param_sq"), param_sq[:m])
         add(self._key("total_sq"), totals)
+        checksum = self._checksum
+        if checksum is not None:
+            block.add_max(self._key("checksum_max"), checksum[:m])
+            block.add_min(self._key("checksum_min"), checksum[:m])
         block.add_max(self._key("count"), count[:m])
         block.add_max(self._key("steps"), zeros[0] + self._steps)
         block.add_max(self._key("measured"), zeros[0] + (self._result is not None))
@@ -147,6 +160,11 @@ class ParameterDeltaMonitor(ParameterMonitor):
             snapshot.put("param_norm", param, name)
             snapshot.put("update_ratio", _ratio(update, param), name)
         total_update, total_param = values[self._key("total_sq")]
+        highs, lows = values.get(self._key("checksum_max")), values.get(self._key("checksum_min"))
+        for name, high, low in zip(self._table.module_names, highs or (), lows or ()):
+            spread = abs(high - low) / max(abs(high), abs(low), 1e-30)
+            if spread > 0 or math.isnan(spread):  # written only when replicas differ: healthy runs log nothing
+                snapshot.put("replica_spread", spread, name)
         snapshot.put("update_ratio", _ratio(math.sqrt(total_update), math.sqrt(total_param)))
         snapshot.put("optimizer_steps", values[self._key("steps")])
 
