@@ -573,7 +573,10 @@ def _merge(parts: Sequence[Snapshot]) -> Snapshot:
 
 
 def _compiled(module: Any) -> bool:
-    return getattr(module, "_compiled_call_impl", None) is not None or type(module).__name__ == "OptimizedModule"
+    # one definition for the whole package: a network compiled *inside* the LightningModule counts too
+    from lightning_watch.capture import is_compiled
+
+    return is_compiled(module)
 
 
 def _worse(alert: Alert, state: _Active) -> bool:
