@@ -264,6 +264,10 @@ def _first_not_none(*modules: nn.Module | None) -> nn.Module | None:
 
 
 def _bounds_of(module: nn.Module) -> tuple[float, float] | None:
+    if isinstance(module, nn.ReLU6):
+        # a Hardtanh subclass, but a rectifier: its many exact zeros are units switched off
+        # (DeadUnitMonitor's business), not saturation
+        return None
     if isinstance(module, nn.Hardtanh):
         return (float(module.min_val), float(module.max_val))
     for cls, bounds in BOUNDED_OUTPUTS.items():
