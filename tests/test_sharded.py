@@ -135,54 +135,78 @@ def _forbid_gathers_from_watch():
     return calls, restore
 
 
-def _worker(rank: int, out: str, port: int) -> None:
-    join_two_process_group(rank, port)
+def _model_parallel_fits(out: Path, model_cls, data_parallel: int, tensor_parallel: int) -> dict:
+    """A bare and a watched fit under ModelParallelStrategy; what each rank saw and logged."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
+    result: dict = {}
+    for watched in (False, True):
+        torch.manual_seed(0)
+        recorder = Recorder()
+        watch = Watch(log_every_n_steps=LOG_EVERY, sample_every_n_steps=1, alerts=False, pictures=False)
+        snapshots: list = []
+        watch.add_listener(lambda t, m, s, _into=snapshots: _into.append(s))
+        callbacks = [recorder] + ([watch, CopyProbe(watch.monitor(ParameterDeltaMonitor))] if watched else [])
+        strategy = ModelParallelStrategy(data_parallel_size=data_parallel, tensor_parallel_size=tensor_parallel)
+        trainer = make_trainer(
+            out / str(watched), callbacks, strategy=strategy, devices=2, logger=False, max_steps=STEPS
+        )
+        counts: list[int] = []
+        restore_publish = _count_gathers(trainer, counts)
+        gathers, restore_dtensor = _forbid_gathers_from_watch()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                trainer.fit(model_cls(), DataLoader(data(), batch_size=4))
+            finally:
+                restore_publish()
+                restore_dtensor()
+        key = "watched" if watched else "bare"
+        result[key] = {
+            "losses": recorder.losses,
+            "grads": recorder.grads,
+            "before": recorder.before,
+            "after": recorder.after,
+        }
+        if watched:
+            result.update(
+                snapshots=[(s.step, dict(s.scalars())) for s in snapshots],
+                gathers_per_publish=counts,
+                watch_gathers=gathers,
+                copies=callbacks[-1].copies,
+                warnings=[str(w.message) for w in caught if issubclass(w.category, WatchWarning)],
+            )
+    return result
+
+
+def _worker(rank: int, out: str, port: int) -> None:
+    join_two_process_group(rank, port)
     out = Path(out)
     result: dict = {"rank": rank}
     try:
-        for watched in (False, True):
-            torch.manual_seed(0)
-            recorder = Recorder()
-            watch = Watch(log_every_n_steps=LOG_EVERY, sample_every_n_steps=1, alerts=False, pictures=False)
-            snapshots: list = []
-            watch.add_listener(lambda t, m, s, _into=snapshots: _into.append(s))
-            callbacks = [recorder] + ([watch, CopyProbe(watch.monitor(ParameterDeltaMonitor))] if watched else [])
-            strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-            trainer = make_trainer(
-                out / str(watched), callbacks, strategy=strategy, devices=2, logger=False, max_steps=STEPS
-            )
-            counts: list[int] = []
-            restore_publish = _count_gathers(trainer, counts)
-            gathers, restore_dtensor = _forbid_gathers_from_watch()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    trainer.fit(Sharded(), DataLoader(data(), batch_size=4))
-                finally:
-                    restore_publish()
-                    restore_dtensor()
-            key = "watched" if watched else "bare"
-            result[key] = {
-                "losses": recorder.losses,
-                "grads": recorder.grads,
-                "before": recorder.before,
-                "after": recorder.after,
-            }
-            if watched:
-                result.update(
-                    snapshots=[(s.step, dict(s.scalars())) for s in snapshots],
-                    gathers_per_publish=counts,
-                    watch_gathers=gathers,
-                    copies=callbacks[-1].copies,
-                    warnings=[str(w.message) for w in caught if issubclass(w.category, WatchWarning)],
-                )
+        result["fsdp2"] = _model_parallel_fits(out / "fsdp2", Sharded, data_parallel=2, tensor_parallel=1)
+        result["tp"] = _model_parallel_fits(out / "tp", TensorParallel, data_parallel=1, tensor_parallel=2)
         result["ddp"] = {reinit: _ddp_fit(out / f"ddp{reinit}", rank, reinit) for reinit in (False, True)}
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+class TensorParallel(Sharded):
+    """Megatron-style pair: ``net.0`` column-wise (weight and bias ``Shard(0)``), ``net.2`` row-wise
+    (weight ``Shard(1)``, bias ``Replicate``: both ranks hold all of it, and it must count once)."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def configure_model(self):
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(
+            self.net, self.device_mesh["tensor_parallel"], {"0": ColwiseParallel(), "2": RowwiseParallel()}
+        )
 
 
 class Reinit(pl.Callback):
@@ -257,8 +281,7 @@ def _tensor_norm(tensors: dict, names, other: dict | None = None) -> float:
     return math.sqrt(total)
 
 
-def test_fsdp2_trains_identically_and_logs_the_full_tensor_norms(sharded_run):
-    r0, r1 = sharded_run
+def _check_norms(r0: dict, r1: dict, linears) -> None:
     for result in (r0, r1):
         assert result["watched"]["losses"] == result["bare"]["losses"]  # Watch changed nothing
         assert result["warnings"] == [], result["warnings"]
@@ -270,7 +293,7 @@ def test_fsdp2_trains_identically_and_logs_the_full_tensor_norms(sharded_run):
     for step, scalars in snapshots.items():
         grads, before, after = rec["grads"][step], rec["before"][step], rec["after"][step]
         assert scalars["watch/global/grad_norm"] == pytest.approx(_norm(grads, list(grads)), rel=1e-5)
-        for module in LINEARS:
+        for module in linears:
             names = [f"{module}.weight", f"{module}.bias"]
             assert scalars[f"watch/grad_norm/{module}"] == pytest.approx(_norm(grads, names), rel=1e-5), module
             param = _tensor_norm(before, names)
@@ -281,20 +304,34 @@ def test_fsdp2_trains_identically_and_logs_the_full_tensor_norms(sharded_run):
         everything = list(before)
         ratio = _tensor_norm(before, everything, after) / _tensor_norm(before, everything)
         assert scalars["watch/global/update_ratio"] == pytest.approx(ratio, rel=1e-4)
-        # activation and dead-unit statistics are reduced over both ranks' samples
-        assert 0.0 <= scalars["watch/dead_frac/net.0"] <= 1.0
-        assert scalars["watch/act_rms/net.0"] > 0
+
+
+def test_fsdp2_trains_identically_and_logs_the_full_tensor_norms(sharded_run):
+    r0, r1 = (result["fsdp2"] for result in sharded_run)
+    _check_norms(r0, r1, LINEARS)
+    # activation and dead-unit statistics are reduced over both ranks' samples
+    scalars = dict(r0["snapshots"])[5]
+    assert 0.0 <= scalars["watch/dead_frac/net.0"] <= 1.0
+    assert scalars["watch/act_rms/net.0"] > 0
+
+
+def test_tensor_parallel_counts_a_replicated_bias_once(sharded_run):
+    r0, r1 = (result["tp"] for result in sharded_run)
+    _check_norms(r0, r1, ("net.0", "net.2"))
+    for result in (r0, r1):
+        assert result["watch_gathers"] == [] and result["gathers_per_publish"] == [1, 1]
 
 
 def test_fsdp2_watch_gathers_no_parameter_and_reads_once(sharded_run):
-    for result in sharded_run:
+    runs = [result["fsdp2"] for result in sharded_run]
+    for result in runs:
         assert result["watch_gathers"] == []  # no full_tensor()/redistribute from lightning_watch
         assert result["gathers_per_publish"] == [1, 1]  # one collective per logging step
         assert result["copies"], "the pre-step copy was taken"
         for any_dtensor, copied, local in result["copies"]:
             assert not any_dtensor and copied == local  # local shards only
     # the shards differ in size: rank 1 holds no row of net.4, rank 0 all of it
-    assert sharded_run[0]["copies"][0][2] > sharded_run[1]["copies"][0][2]
+    assert runs[0]["copies"][0][2] > runs[1]["copies"][0][2]
 
 
 def test_ddp_replicas_out_of_sync_raise_an_error_alert(sharded_run):
