@@ -135,7 +135,7 @@ def _forbid_gathers_from_watch():
     return calls, restore
 
 
-def _model_parallel_fits(out: Path, model_cls, data_parallel: int, tensor_parallel: int) -> dict:
+def _model_parallel_fits(out: Path, model_cls, data_parallel: int, tensor_parallel: int, devices: int = 2) -> dict:
     """A bare and a watched fit under ModelParallelStrategy; what each rank saw and logged."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -149,7 +149,7 @@ def _model_parallel_fits(out: Path, model_cls, data_parallel: int, tensor_parall
         callbacks = [recorder] + ([watch, CopyProbe(watch.monitor(ParameterDeltaMonitor))] if watched else [])
         strategy = ModelParallelStrategy(data_parallel_size=data_parallel, tensor_parallel_size=tensor_parallel)
         trainer = make_trainer(
-            out / str(watched), callbacks, strategy=strategy, devices=2, logger=False, max_steps=STEPS
+            out / str(watched), callbacks, strategy=strategy, devices=devices, logger=False, max_steps=STEPS
         )
         counts: list[int] = []
         restore_publish = _count_gathers(trainer, counts)
@@ -348,3 +348,55 @@ def test_ddp_replicas_out_of_sync_raise_an_error_alert(sharded_run):
         assert all(
             set(s) == {"watch/replica_spread/fc1"} and s["watch/replica_spread/fc1"] > 1e-3 for s in broken["spread"]
         )
+
+
+# ---------------------------------------------------------------------------- 2-D: FSDP x tensor parallel
+class TwoD(TensorParallel):
+    """Tensor parallel inside each pair of ranks, then fully sharded across the pairs (mixed meshes)."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        super().configure_model()
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+def _worker_2d(rank: int, out: str, port: int) -> None:
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="4", RANK=str(rank), LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    out = Path(out)
+    try:
+        result = _model_parallel_fits(out / "2d", TwoD, data_parallel=2, tensor_parallel=2, devices=4)
+        torch.save(result, out / f"rank{rank}.pt")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_fsdp_x_tensor_parallel_on_four_processes(tmp_path):
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    context = torch.multiprocessing.spawn(
+        _worker_2d, args=(str(tmp_path), find_free_network_port()), nprocs=4, join=False
+    )
+    deadline = 300.0
+    while not context.join(timeout=5):
+        deadline -= 5
+        if deadline <= 0:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError("the 4-process group did not finish: a rank hangs in a collective")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    _check_norms(ranks[0], ranks[3], ("net.0", "net.2"))
+    for result in ranks:
+        assert result["watch_gathers"] == [] and result["gathers_per_publish"] == [1, 1]
+        assert dict(result["snapshots"]) == dict(ranks[0]["snapshots"])
