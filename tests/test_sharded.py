@@ -143,13 +143,17 @@ def _model_parallel_fits(out: Path, model_cls, data_parallel: int, tensor_parall
     for watched in (False, True):
         torch.manual_seed(0)
         recorder = Recorder()
-        watch = Watch(log_every_n_steps=LOG_EVERY, sample_every_n_steps=1, alerts=False, pictures=False)
+        watch = Watch(
+            log_every_n_steps=LOG_EVERY, sample_every_n_steps=1, histogram_every_n_steps=LOG_EVERY, pictures=False
+        )
         snapshots: list = []
         watch.add_listener(lambda t, m, s, _into=snapshots: _into.append(s))
         callbacks = [recorder] + ([watch, CopyProbe(watch.monitor(ParameterDeltaMonitor))] if watched else [])
         strategy = ModelParallelStrategy(data_parallel_size=data_parallel, tensor_parallel_size=tensor_parallel)
+        # a TensorBoard logger: histograms, text and the report are written from sharded tensors too
+        logger = pl.loggers.TensorBoardLogger(str(out), name=str(watched), version=0)
         trainer = make_trainer(
-            out / str(watched), callbacks, strategy=strategy, devices=devices, logger=False, max_steps=STEPS
+            out / str(watched), callbacks, strategy=strategy, devices=devices, logger=logger, max_steps=STEPS
         )
         counts: list[int] = []
         restore_publish = _count_gathers(trainer, counts)
@@ -175,8 +179,18 @@ def _model_parallel_fits(out: Path, model_cls, data_parallel: int, tensor_parall
                 watch_gathers=gathers,
                 copies=callbacks[-1].copies,
                 warnings=[str(w.message) for w in caught if issubclass(w.category, WatchWarning)],
+                histograms=_histogram_tags(trainer) if trainer.is_global_zero else None,
             )
     return result
+
+
+def _histogram_tags(trainer) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer.logger.experiment.flush()
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0})
+    acc.Reload()
+    return acc.Tags()["histograms"]
 
 
 def _worker(rank: int, out: str, port: int) -> None:
@@ -313,6 +327,11 @@ def test_fsdp2_trains_identically_and_logs_the_full_tensor_norms(sharded_run):
     scalars = dict(r0["snapshots"])[5]
     assert 0.0 <= scalars["watch/dead_frac/net.0"] <= 1.0
     assert scalars["watch/act_rms/net.0"] > 0
+
+
+def test_fsdp2_histograms_are_written_from_local_shards(sharded_run):
+    tags = sharded_run[0]["fsdp2"]["histograms"]
+    assert "watch_hist/grad/net.0.weight" in tags and "watch_hist/weight/net.0.weight" in tags, tags
 
 
 def test_tensor_parallel_counts_a_replicated_bias_once(sharded_run):

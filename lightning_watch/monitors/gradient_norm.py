@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from lightning_watch.cadence import logging_step
 from lightning_watch.monitors._params import ParameterMonitor
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, l2_norms, nonfinite_count, replica_weight
+from lightning_watch.stats import StatBlock, l2_norms, local_tensor, nonfinite_count, replica_weight
 
 
 class GradientNormMonitor(ParameterMonitor):
@@ -98,7 +98,12 @@ class GradientNormMonitor(ParameterMonitor):
         if due_hist:
             names = {id(p): name for _, name, p in self._table.entries}
             self._grads_for_histogram.update(
-                {f"watch_hist/grad/{names[id(p)]}": p.grad.detach().clone() for p in params if id(p) in names}
+                # a sharded gradient: this rank's shard (a histogram never gathers a whole tensor)
+                {
+                    f"watch_hist/grad/{names[id(p)]}": local_tensor(p.grad.detach()).clone()
+                    for p in params
+                    if id(p) in names
+                }
             )
         if not due_log:
             return

@@ -171,7 +171,8 @@ class ParameterDeltaMonitor(ParameterMonitor):
     def _histograms(self) -> dict[str, Tensor]:
         if self._table is None:
             return {}
-        return {f"watch_hist/weight/{name}": p.detach() for _, name, p in self._table.trainable()}
+        # sharded weights: rank zero's local shard (a histogram never gathers a whole tensor)
+        return {f"watch_hist/weight/{name}": local_tensor(p.detach()) for _, name, p in self._table.trainable()}
 
 
 def _ratio(update: float, param: float) -> float:
