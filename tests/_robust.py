@@ -51,6 +51,7 @@ class Recorder(Callback):
         self.grads: dict[int, dict[str, float]] = {}
         self.before: dict[int, dict[str, torch.Tensor]] = {}
         self.after: dict[int, dict[str, torch.Tensor]] = {}
+        self.batches: dict[int, list] = {}
 
     @staticmethod
     def _step(trainer) -> int:
@@ -59,6 +60,9 @@ class Recorder(Callback):
     @staticmethod
     def _params(module) -> dict[str, nn.Parameter]:
         return dict(module.named_parameters())  # distinct parameters, first name of a tied one
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.setdefault(self._step(trainer), []).append([t.detach().clone() for t in batch])
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         step = self._step(trainer)

@@ -167,6 +167,7 @@ def _model_parallel_fits(out: Path, model_cls, data_parallel: int, tensor_parall
                 restore_dtensor()
         key = "watched" if watched else "bare"
         result[key] = {
+            "batches": recorder.batches,
             "losses": recorder.losses,
             "grads": recorder.grads,
             "before": recorder.before,
@@ -214,6 +215,8 @@ class TensorParallel(Sharded):
     def __init__(self) -> None:
         pl.LightningModule.__init__(self)
         self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+        with torch.no_grad():  # units 0 and 1 (rank 0's column shard) never fire
+            self.net[0].bias[:2] = -100.0
 
     def configure_model(self):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -337,6 +340,16 @@ def test_fsdp2_histograms_are_written_from_local_shards(sharded_run):
 def test_tensor_parallel_counts_a_replicated_bias_once(sharded_run):
     r0, r1 = (result["tp"] for result in sharded_run)
     _check_norms(r0, r1, ("net.0", "net.2"))
+    # dead units of the ReLU after the column-parallel layer: each rank sees its 4 of the 8 units
+    rec = r0["watched"]
+    for end, scalars in r0["snapshots"]:
+        alive = torch.zeros(8, dtype=torch.bool)
+        for step in range(end - LOG_EVERY + 1, end + 1):
+            w, b = rec["before"][step]["net.0.weight"], rec["before"][step]["net.0.bias"]
+            for x, _ in rec["batches"][step]:
+                alive |= ((x.double() @ w.T + b) > 0).any(dim=0)
+        assert not alive[:2].any() and alive[2:].all()  # the premise: units 0 and 1 are dead
+        assert scalars["watch/dead_frac/net.1"] == pytest.approx(1 - alive.double().mean().item())
     for result in (r0, r1):
         assert result["watch_gathers"] == [] and result["gathers_per_publish"] == [1, 1]
 

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from lightning_watch.capture import CapturedOutput
 from lightning_watch.monitors._base import WatchMonitor
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, grad_rows_alive
+from lightning_watch.stats import StatBlock, grad_rows_alive, spread_units
 from lightning_watch.warn import warn_once
 
 #: Activations whose units can die: their output is exactly 0 for every input at or below a
@@ -141,6 +141,8 @@ class DeadUnitMonitor(WatchMonitor):
         if self._grad_dims[index] is not None:
             return  # weighted layers are judged by their gradients
         alive = captured.alive()
+        if captured.producer is not None:  # a column-parallel producer: its output holds this rank's units
+            alive = spread_units(alive, _weight_leaf(captured.producer)[0])
         current = self._alive[index]
         if current is None or current.shape != alive.shape:
             self._alive[index] = alive.clone()

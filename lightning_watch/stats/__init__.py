@@ -13,6 +13,7 @@ from lightning_watch.stats.kernels import (
     moments,
     nonfinite_count,
     replica_weight,
+    spread_units,
 )
 from lightning_watch.stats.reduce import StatBlock, read_blocks
 
@@ -31,4 +32,5 @@ __all__ = [
     "nonfinite_count",
     "read_blocks",
     "replica_weight",
+    "spread_units",
 ]

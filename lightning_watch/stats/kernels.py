@@ -249,6 +249,38 @@ def grad_rows_alive(grad: Tensor, unit_dim: int = 0) -> Tensor:
     return out
 
 
+def spread_units(alive: Tensor, weight: Tensor | None) -> Tensor:
+    """Place a shard's unit vector at its global offset when the layer that produced it is column-sharded.
+
+    Under tensor parallelism (``ColwiseParallel``) a layer's output holds this rank's share of the
+    features only, as its weight holds those rows (``Shard(0)`` on a 1-D mesh). Spread over all
+    ``weight.shape[0]`` units, the vectors of all ranks line up for the cross-process ``max``.
+    Any other case (a plain weight, an output that already holds every unit) is returned as is.
+
+    Example:
+        >>> spread_units(torch.tensor([True, False]), torch.ones(2, 3)).tolist()
+        [True, False]
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(weight, dtensor) or weight.dim() < 1 or alive.dim() != 1:
+        return alive
+    total = weight.shape[0]
+    if alive.shape[0] == total or weight.device_mesh.ndim != 1:
+        return alive
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placement = weight.placements[0]
+    if not (isinstance(placement, Shard) and placement.dim == 0):
+        return alive
+    local, offsets = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    if local[0] != alive.shape[0]:
+        return alive
+    out = torch.zeros(total, dtype=torch.bool, device=alive.device)
+    out[int(offsets[0]) : int(offsets[0]) + alive.shape[0]] = alive
+    return out
+
+
 def group_norms(
     norms: list[Tensor], group_index: Tensor, num_groups: int, source_index: Tensor | None = None
 ) -> Tensor:
