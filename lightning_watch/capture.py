@@ -8,7 +8,8 @@ output once (:class:`CapturedOutput` computes each statistic lazily and caches i
 result to every armed subscriber of that module.
 
 Hooks never raise into the user's forward pass: a module whose output cannot be measured (no
-tensor, an integer tensor, a failure inside a statistic) is skipped with one warning.
+tensor, an integer tensor, a failure inside a statistic) is skipped with one warning. Complex
+outputs are measured as their magnitude ``|z|``.
 """
 
 from __future__ import annotations
@@ -241,6 +242,8 @@ class CaptureEngine:
                     "its output statistics are skipped.",
                 )
                 return
+            if torch.is_complex(tensor):  # a spectral layer's output: its scale is the magnitude |z|
+                tensor = tensor.detach().abs()
             captured = CapturedOutput(info, tensor, self.saturation_margin, None if is_layer else producer)
             try:
                 for subscriber, index in armed:
@@ -261,6 +264,10 @@ def _first_not_none(*modules: nn.Module | None) -> nn.Module | None:
 
 
 def _bounds_of(module: nn.Module) -> tuple[float, float] | None:
+    if isinstance(module, nn.ReLU6):
+        # a Hardtanh subclass, but a rectifier: its many exact zeros are units switched off
+        # (DeadUnitMonitor's business), not saturation
+        return None
     if isinstance(module, nn.Hardtanh):
         return (float(module.min_val), float(module.max_val))
     for cls, bounds in BOUNDED_OUTPUTS.items():

@@ -133,5 +133,8 @@ def _owns_layout(module: nn.Module) -> bool:
 
 
 def is_measurable(tensor: Tensor) -> bool:
-    """Floating-point, non-empty tensors can be measured; integer, bool and complex ones cannot."""
-    return tensor.is_floating_point() and tensor.numel() > 0 and not torch.is_complex(tensor)
+    """Non-empty floating-point and complex tensors can be measured (complex ones as ``|z|``).
+
+    Integer and bool outputs (token ids, masks) have no activation scale: they are skipped.
+    """
+    return (tensor.is_floating_point() or torch.is_complex(tensor)) and tensor.numel() > 0

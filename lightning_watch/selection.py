@@ -10,10 +10,11 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 #: Element-wise activations. A module of one of these types is watched by default even though
 #: it owns no parameters, because its output is where dead and saturated units show.
@@ -40,9 +41,37 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+def direct_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of the leaves ``module`` itself owns, parametrized weights included.
+
+    A parametrized tensor (``torch.nn.utils.parametrizations.weight_norm``/``orthogonal``/
+    ``spectral_norm``) is not in the module's own parameters: its leaf lives in
+    ``module.parametrizations.<name>.original`` (``original0``, ``original1``, ... for several).
+    It is reported here as ``<name>`` (or ``<name>.original<i>``), so the layer, not the
+    ``ParametrizationList`` child, owns it; that child owns nothing. Reading ``module.<name>``
+    would run the parametrization (for spectral norm: a power iteration that updates buffers),
+    so only the leaves are touched.
+
+    Example:
+        >>> from torch.nn.utils.parametrizations import weight_norm
+        >>> [name for name, _ in direct_parameters(weight_norm(nn.Linear(2, 2)))]
+        ['bias', 'weight.original0', 'weight.original1']
+    """
+    if isinstance(module, parametrize.ParametrizationList):
+        return
+    yield from module.named_parameters(recurse=False)
+    if parametrize.is_parametrized(module):
+        for tensor_name, plist in module.parametrizations.items():
+            for leaf_name, leaf in plist.named_parameters(recurse=False):
+                yield (tensor_name if leaf_name == "original" else f"{tensor_name}.{leaf_name}"), leaf
+
+
 def owns_parameters(module: nn.Module) -> bool:
-    """True when ``module`` registers parameters itself (not only through children)."""
-    return next(module.parameters(recurse=False), None) is not None
+    """True when ``module`` registers parameters itself (not only through children).
+
+    The leaves of a parametrized weight count as the layer's own (see :func:`direct_parameters`).
+    """
+    return next(direct_parameters(module), None) is not None
 
 
 def _as_list(value: str | Iterable[str] | None, arg: str) -> list[str]:

@@ -89,6 +89,16 @@ def warn_once(key: Hashable, message: str) -> None:
         warnings.warn(message, WatchWarning, stacklevel=user_stacklevel())
 
 
+def warn_write_failed(target: str, err: BaseException, consequence: str = "") -> None:
+    """One :class:`WatchWarning` per ``target`` (a path or a logger) that could not be written.
+
+    Writing is never allowed to stop training: a read-only log directory, a full disk or a logger
+    that raises costs that output, nothing else.
+    """
+    tail = f" {consequence}" if consequence else " Training continues; later writes to it are retried silently."
+    warn_once(("write-failed", target), f"lightning_watch could not write {target}: {type(err).__name__}: {err}.{tail}")
+
+
 def reset_warnings() -> None:
     """Forget which warnings were emitted (tests use this)."""
     _seen.clear()

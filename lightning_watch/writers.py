@@ -16,6 +16,7 @@ A writer that fails says so once (:func:`~lightning_watch.warn.warn_once`) and n
 
 from __future__ import annotations
 
+import contextlib
 import html
 import re
 import weakref
@@ -29,7 +30,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
 from lightning_watch.snapshot import GLOBAL_SECTION, TAG_PREFIX, ModuleOrder, Snapshot, parse_tag
-from lightning_watch.warn import warn_once
+from lightning_watch.warn import warn_write_failed
 
 #: Title of the Custom Scalars category holding the diagnostic charts (open); the rest is closed.
 LAYOUT_CATEGORY = "lightning_watch"
@@ -269,15 +270,20 @@ def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
+def logger_target(logger: object) -> str:
+    """What a failed write names: the logger's class and its directory when it has one."""
+    where = None
+    with contextlib.suppress(Exception):  # some loggers compute their directory, and may fail too
+        where = getattr(logger, "log_dir", None)
+    return f"{type(logger).__name__} ({where})" if where else type(logger).__name__
+
+
 def _each(trainer: pl.Trainer, what: str, call) -> None:
     for writer in writers(trainer):
         try:
             call(writer)
-        except Exception as err:  # a logger that fails must not stop training: say it once
-            kind = type(writer.logger).__name__
-            warn_once(
-                ("writer", kind, what, type(err).__name__), f"lightning_watch could not write {what} to {kind}: {err!r}"
-            )
+        except Exception as err:  # a logger that fails must not stop training: say it once, with where
+            warn_write_failed(f"{logger_target(writer.logger)} ({what})", err)
 
 
 def log_scalars(trainer: pl.Trainer, snapshot: Snapshot) -> None:

@@ -83,7 +83,7 @@ def test_primary_tensor_of_odd_outputs():
         (torch.ones(2, dtype=torch.float16), True),
         (torch.ones(2, dtype=torch.long), False),
         (torch.ones(2, dtype=torch.bool), False),
-        (torch.ones(2, dtype=torch.complex64), False),
+        (torch.ones(2, dtype=torch.complex64), True),
         (torch.ones(0, 3), False),
     ],
 )

@@ -28,6 +28,7 @@ class AlertCode(str, Enum):
     BATCH_MIXING = "batch_mixing"
     SMALL_BATCH_NORM = "small_batch_norm"
     UNSEEDED_RUN = "unseeded_run"
+    REPLICAS_OUT_OF_SYNC = "replicas_out_of_sync"
     # detectors (lightning_watch/alerts/detectors.py) and their fit-time checks
     GRADIENTS_NOT_ZEROED = "gradients_not_zeroed"
     DISCONNECTED_PARAMETERS = "disconnected_parameters"

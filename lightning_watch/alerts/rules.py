@@ -54,6 +54,9 @@ DEFAULTS: dict[str, dict[str, float]] = {
     AlertCode.BATCH_MIXING: {"threshold": 1e-4},
     AlertCode.SMALL_BATCH_NORM: {"threshold": 8},
     AlertCode.UNSEEDED_RUN: {"threshold": 0.0},
+    # relative spread of a layer's parameter checksum across data-parallel replicas: replicas
+    # stepped by the same averaged gradients are bitwise equal, so any real spread is a bug
+    AlertCode.REPLICAS_OUT_OF_SYNC: {"threshold": 1e-6},
 }
 DEFAULTS = {code.value: params for code, params in DEFAULTS.items()}
 
@@ -463,6 +466,31 @@ def update_size(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
         )
 
 
+# ---------------------------------------------------------------------- distributed
+@_rule(AlertCode.REPLICAS_OUT_OF_SYNC)
+def replicas_out_of_sync(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
+    """Error when data-parallel replicas hold different weights (checksum spread above ``threshold``)."""
+    bound = ctx.setting("replicas_out_of_sync", "threshold")
+    bad = {m: v for m, v in snapshot.modules("replica_spread").items() if not v <= bound}
+    if not bad:
+        return
+    first = ctx.ordered(bad)[0]
+    yield ctx.alert(
+        "replicas_out_of_sync",
+        snapshot,
+        first,
+        bad[first],
+        bound,
+        f"The data-parallel replicas hold different weights in {len(bad)} module(s) (first: {first}, relative "
+        f"checksum spread {_fmt(bad[first])}): each process now trains its own model.",
+        "Look for code that changes weights on one rank only after DDP's start-up broadcast: a re-initialisation "
+        "or checkpoint load under `if rank == 0`, a hook in `setup`/`on_fit_start`, a rank-dependent seed used "
+        "for initialisation after wrapping, or a parameter updated outside the optimizer.",
+        severity="error",
+        modules=ctx.ordered(bad),
+    )
+
+
 def _predecessor(ctx: RuleContext, module: str) -> str | None:
     order = list(ctx.forward_order)
     if module in order and order.index(module) > 0:
@@ -483,4 +511,5 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     update_size,
     loss_plateau,
     loss_divergence,
+    replicas_out_of_sync,
 )

@@ -17,7 +17,7 @@ import os
 import lightning.pytorch as pl
 
 from lightning_watch.alerts.alert import Alert
-from lightning_watch.warn import say
+from lightning_watch.warn import say, warn_write_failed
 from lightning_watch.writers import add_text, run_log_dir
 
 #: the logger every alert is sent to
@@ -59,9 +59,12 @@ class AlertSinks:
             self._warned.add(alert.key)
             say(alert.summary(), AlertWarning)
         if self.path is not None:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(alert.to_json() + "\n")
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(alert.to_json() + "\n")
+            except Exception as err:  # a read-only or full disk must not stop training
+                warn_write_failed(self.path, err, "Alerts still go to Python logging and `watch.alerts`.")
         add_text(trainer, alert_tag(alert), _markdown(alert), max(alert.step, 0))
 
 

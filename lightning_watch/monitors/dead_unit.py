@@ -8,12 +8,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
 from lightning_watch.capture import CapturedOutput
 from lightning_watch.monitors._base import WatchMonitor
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, StateRegistry, grad_rows_alive
+from lightning_watch.stats import StatBlock, StateRegistry, grad_rows_alive, spread_units
+from lightning_watch.warn import warn_once
 
 #: Activations whose units can die: their output is exactly 0 for every input at or below a
 #: threshold, so a unit that never gets a positive output also never gets a gradient.
@@ -23,8 +25,35 @@ RECTIFIER_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 WEIGHTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
 
+def _weight_leaf(module: nn.Module) -> tuple[Tensor | None, str | None]:
+    """The leaf tensor whose gradient rows are the layer's units, or ``(None, why not)``.
+
+    Never reads ``module.weight`` of a parametrized layer: that runs the parametrization (for
+    spectral norm a power iteration that updates buffers and changes training), and its ``.grad``
+    is a non-leaf's. Weight normalization (``W = g * V / ||V||`` per unit) keeps a unit's gradient
+    row zero in ``V``; spectral normalization and orthogonal maps mix rows, so a leaf row says
+    nothing exact about a unit.
+    """
+    if parametrize.is_parametrized(module, "weight"):
+        plist = module.parametrizations.weight
+        kind = type(plist[0]).__name__ if len(plist) == 1 else "several parametrizations"
+        if kind == "_WeightNorm" and getattr(plist[0], "dim", None) == 0:
+            return plist.original1, None
+        return None, f"its weight is parametrized ({kind}), which mixes the gradient rows of the leaf"
+    params = module._parameters
+    if "weight_orig" in params:  # legacy torch.nn.utils.spectral_norm: `weight` is a computed attribute
+        return None, "its weight is spectrally normalized, which mixes the gradient rows of the leaf"
+    if "weight_v" in params and "weight_g" in params:  # legacy torch.nn.utils.weight_norm
+        dims = [getattr(h, "dim", None) for h in module._forward_pre_hooks.values() if hasattr(h, "name")]
+        if dims == [0]:
+            return params["weight_v"], None
+        return None, "its weight is normalized along a dimension other than its units"
+    weight = params.get("weight")
+    return weight, None
+
+
 def _weight_unit_dim(module: nn.Module) -> int | None:
-    weight = getattr(module, "weight", None)
+    weight, _ = _weight_leaf(module)
     if not isinstance(weight, Tensor) or weight.dim() < 2:
         return None
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -65,9 +94,20 @@ class DeadUnitMonitor(WatchMonitor):
     CAPTURES_OUTPUTS = True
 
     def _default_module(self, module: nn.Module) -> bool:
-        return isinstance(module, RECTIFIER_TYPES) or (
-            isinstance(module, WEIGHTED_TYPES) and _weight_unit_dim(module) is not None
-        )
+        if isinstance(module, RECTIFIER_TYPES):
+            return True
+        if not isinstance(module, WEIGHTED_TYPES):
+            return False
+        if _weight_unit_dim(module) is None:
+            _, why = _weight_leaf(module)
+            if why:  # say so once, rather than leave the layer silently without `dead_frac`
+                warn_once(
+                    ("dead_unit.leaf", type(module).__name__, why),
+                    f"lightning_watch: DeadUnitMonitor skips {type(module).__name__} layers whose gradient "
+                    f"rows are not their units ({why}); their gradient norms and deltas are still measured.",
+                )
+            return False
+        return True
 
     def _declare_state(self, state: StateRegistry) -> None:
         # weighted layers use the gradient criterion, every other module its output
@@ -76,17 +116,27 @@ class DeadUnitMonitor(WatchMonitor):
         ]
         for index, (_, module) in enumerate(self._modules):
             dim = self._grad_dims[index]
-            # a weighted layer's size is known from its weight, so every rank has the same layout;
-            # an activation's is known from its first output
-            shape = (module.weight.shape[dim],) if dim is not None else None
+            # a weighted layer's size is known from its weight leaf (a parametrized weight's `original`,
+            # read at fit start, after `configure_model`: FSDP2 swaps parameters there), so every rank
+            # has the same layout; an activation's is known from its first output
+            shape = (lambda m=module, d=dim: (_weight_leaf(m)[0].shape[d],)) if dim is not None else None
             state.declare(f"alive.{index}", shape, reduce="max", dtype=torch.bool)
         # samples seen per module in the window; a module with none reports nothing
         state.declare("seen", (len(self._modules),), reduce="sum", host=True)
+
+    def _on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the leaf whose gradient is read (a parametrized weight's `original`): read once per fit
+        self._leaves = [
+            _weight_leaf(module)[0] if dim is not None else None
+            for dim, (_, module) in zip(self._grad_dims, self._modules)
+        ]
 
     def consume(self, index: int, captured: CapturedOutput) -> None:
         if self._grad_dims[index] is not None:
             return  # weighted layers are judged by their gradients
         alive = captured.alive()
+        if captured.producer is not None:  # a column-parallel producer: its output holds this rank's units
+            alive = spread_units(alive, _weight_leaf(captured.producer)[0])
         current = self.state[f"alive.{index}"]
         if current is None or current.shape != alive.shape:
             self.state[f"alive.{index}"] = alive.clone()
@@ -99,10 +149,10 @@ class DeadUnitMonitor(WatchMonitor):
     ) -> None:
         if not self._sampling:
             return
-        for index, (_, module) in enumerate(self._modules):
-            dim = self._grad_dims[index]
-            grad = module.weight.grad if dim is not None else None
+        for index, leaf in enumerate(self._leaves):
+            grad = leaf.grad if leaf is not None else None
             if grad is not None:
+                dim = self._grad_dims[index]
                 self.state[f"alive.{index}"].logical_or_(grad_rows_alive(grad, dim))
                 self.state["seen"][index] += 1
 

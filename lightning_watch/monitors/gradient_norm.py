@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from lightning_watch.cadence import logging_step
 from lightning_watch.monitors._params import ParameterMonitor
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, l2_norms, nonfinite_count
+from lightning_watch.stats import StatBlock, l2_norms, local_tensor, nonfinite_count, replica_weight
 
 
 class GradientNormMonitor(ParameterMonitor):
@@ -98,7 +98,12 @@ class GradientNormMonitor(ParameterMonitor):
         if due_hist:
             names = {id(p): name for _, name, p in self._table.entries}
             self._grads_for_histogram.update(
-                {f"watch_hist/grad/{names[id(p)]}": p.grad.detach().clone() for p in params if id(p) in names}
+                # a sharded gradient: this rank's shard (a histogram never gathers a whole tensor)
+                {
+                    f"watch_hist/grad/{names[id(p)]}": local_tensor(p.grad.detach()).clone()
+                    for p in params
+                    if id(p) in names
+                }
             )
         if not due_log:
             return
@@ -120,16 +125,20 @@ class GradientNormMonitor(ParameterMonitor):
             return
         self._measured.update(id(p) for p in params)
         grads = [p.grad for p in params]
-        norms = l2_norms(grads)
+        # a DTensor gradient is measured on its local shard; a replicated one counts once in the sum
+        weights = [replica_weight(g) for g in grads]
+        norms = l2_norms(grads, weights)
         module_sq = self._table.per_module_squares(params, norms, self._device)
         # counting non-finite values is a pass per tensor; it runs on logging steps only
-        nonfinite = torch.stack([nonfinite_count(g) for g in grads])
-        index = self._table.group_index(params, self._device)
-        zeros = torch.zeros(self._table.num_modules + 1, device=self._device)
+        nonfinite = torch.stack([nonfinite_count(g) for g in grads]).to(self._device)
+        if any(w != 1.0 for w in weights):
+            nonfinite = nonfinite * torch.tensor(weights, dtype=nonfinite.dtype, device=self._device)
         # several optimizers in one batch (manual optimization) add up
         self._module_sq = _add(self._module_sq, module_sq)
-        self._module_nonfinite = _add(self._module_nonfinite, zeros.index_add(0, index, nonfinite))
-        self._module_count = _add(self._module_count, zeros.index_add(0, index, torch.ones_like(nonfinite)))
+        module_nonfinite = self._table.per_module_sums(params, nonfinite, self._device)
+        self._module_nonfinite = _add(self._module_nonfinite, module_nonfinite)
+        counts = self._table.per_module_sums(params, torch.ones_like(nonfinite), self._device)
+        self._module_count = _add(self._module_count, counts)
         if in_global:
             self._global_sq = _add(self._global_sq, torch.stack(norms).square().sum())
             self._global_nonfinite = _add(self._global_nonfinite, nonfinite.sum())

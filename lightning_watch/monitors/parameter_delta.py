@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from lightning_watch.cadence import logging_step
 from lightning_watch.monitors._params import ParameterMonitor
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, l2_norms
+from lightning_watch.stats import StatBlock, as_real, l2_norms, local_tensor, replica_weight
 
 
 class ParameterDeltaMonitor(ParameterMonitor):
@@ -39,6 +39,8 @@ class ParameterDeltaMonitor(ParameterMonitor):
         - ``watch/update_norm/<module>``: ‖W_after − W_before‖ over the module's own trainable parameters.
         - ``watch/update_ratio/<module>``: ``update_norm / param_norm`` (before the step).
         - ``watch/param_norm/<module>``: ‖W‖ before the step.
+        - ``watch/replica_spread/<module>``: under DDP only, and only when replicas differ: relative
+          spread across ranks of the module's parameter sum (raises ``replicas_out_of_sync``).
         - ``watch/global/update_ratio``: the same ratio over all watched trainable parameters.
         - ``watch/global/optimizer_steps``: optimizer steps taken in the logging batch (0 means
           no ``optimizer.step()`` ran: the deltas are 0 because nothing stepped).
@@ -65,7 +67,8 @@ class ParameterDeltaMonitor(ParameterMonitor):
         self._before: list[Tensor] | None = None
         self._entries: list[tuple[int, str, nn.Parameter]] = []
         self._steps = 0
-        self._result: tuple[Tensor, Tensor, Tensor] | None = None
+        self._result: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._checksum: Tensor | None = None  # per-module parameter sums (data-parallel runs)
 
     def _reset(self) -> None:
         self._clear()
@@ -79,7 +82,8 @@ class ParameterDeltaMonitor(ParameterMonitor):
         self._steps += 1
         if self._before is None:
             self._entries = self._table.trainable()
-            params = [p.detach() for _, _, p in self._entries]
+            # local shards only (a DTensor's `to_local()`): the copy never gathers a sharded weight
+            params = [local_tensor(p.detach()) for _, _, p in self._entries]
             # one fused copy of all watched trainable parameters, freed at the end of the batch
             self._before = torch._foreach_mul(params, 1.0) if params else []
 
@@ -89,38 +93,51 @@ class ParameterDeltaMonitor(ParameterMonitor):
         stepped = self._before is not None  # else no optimizer step ran in this batch
         if not stepped:
             self._entries = self._table.trainable()
-        after = [p.detach() for _, _, p in self._entries]
+        self._checksum = None
+        params = [p for _, _, p in self._entries]
+        # sharded (DTensor) weights: local shards, each replicated placement counted once in the sum
+        weights = [replica_weight(p) for p in params]
+        after = [local_tensor(p.detach()) for p in params]
         m = self._table.num_modules
         if not after:
             zeros = torch.zeros(m + 1, device=self._device)
-            self._result = (zeros, zeros, zeros)
+            self._result = (zeros, zeros, zeros, zeros[:2])
         else:
             if stepped:
-                before_norms = l2_norms(self._before)
+                before_norms = l2_norms(self._before, weights)
                 # the copy is ours and dies here: subtract in place rather than allocate a second copy
                 torch._foreach_sub_(self._before, after)
-                delta_norms = l2_norms(self._before)  # ‖before - after‖ = ‖ΔW‖
+                delta_norms = l2_norms(self._before, weights)  # ‖before - after‖ = ‖ΔW‖
             else:  # nothing stepped: the weights are their own "before", and nothing moved
-                before_norms = l2_norms(after)
+                before_norms = l2_norms(after, weights)
                 delta_norms = [torch.zeros_like(norm) for norm in before_norms]
-            params = [p for _, _, p in self._entries]
             update_sq = self._table.per_module_squares(params, delta_norms, self._device)
             param_sq = self._table.per_module_squares(params, before_norms, self._device)
-            index = self._table.group_index(params, self._device)
-            count = torch.zeros(m + 1, device=self._device).index_add_(
-                0, index, torch.ones(len(params), device=self._device)
-            )
-            self._result = (update_sq, param_sq, count)
+            count = self._table.per_module_sums(params, torch.ones(len(params), device=self._device), self._device)
+            # whole-model squares over distinct parameters: a tied weight counts once here
+            totals = torch.stack([torch.stack(delta_norms).square().sum(), torch.stack(before_norms).square().sum()])
+            self._result = (update_sq, param_sq, count, totals.to(self._device))
+            if trainer is not None and trainer.world_size > 1 and not self._sharded:
+                # replicas must hold equal weights: a float64 sum per parameter, compared across
+                # ranks by the same read (max and min), catches one that drifted away
+                sums = torch.stack([as_real(a).sum(dtype=torch.float64) for a in after]).to(self._device)
+                self._checksum = self._table.per_module_sums(params, sums, self._device)
         self._before = None  # release the copy
 
     def _collect(self) -> StatBlock:
         block = StatBlock()
         m = self._table.num_modules if self._table is not None else 0
         zeros = torch.zeros(m + 1, device=self._device)
-        update_sq, param_sq, count = self._result if self._result is not None else (zeros, zeros, zeros)
+        result = self._result if self._result is not None else (zeros, zeros, zeros, zeros[:2])
+        update_sq, param_sq, count, totals = result
         add = block.add_sum if self._sharded else block.add_max
         add(self._key("update_sq"), update_sq[:m])
         add(self._key("param_sq"), param_sq[:m])
+        add(self._key("total_sq"), totals)
+        checksum = self._checksum
+        if checksum is not None:
+            block.add_max(self._key("checksum_max"), checksum[:m])
+            block.add_min(self._key("checksum_min"), checksum[:m])
         block.add_max(self._key("count"), count[:m])
         block.add_max(self._key("steps"), zeros[0] + self._steps)
         block.add_max(self._key("measured"), zeros[0] + (self._result is not None))
@@ -129,7 +146,6 @@ class ParameterDeltaMonitor(ParameterMonitor):
     def _finalize(self, values: dict[str, Any], snapshot: Snapshot) -> None:
         if not values[self._key("measured")]:
             return
-        total_update = total_param = 0.0
         rows = zip(
             self._table.module_names,
             values[self._key("update_sq")],
@@ -143,15 +159,20 @@ class ParameterDeltaMonitor(ParameterMonitor):
             snapshot.put("update_norm", update, name)
             snapshot.put("param_norm", param, name)
             snapshot.put("update_ratio", _ratio(update, param), name)
-            total_update += update_sq
-            total_param += param_sq
+        total_update, total_param = values[self._key("total_sq")]
+        highs, lows = values.get(self._key("checksum_max")), values.get(self._key("checksum_min"))
+        for name, high, low in zip(self._table.module_names, highs or (), lows or ()):
+            spread = abs(high - low) / max(abs(high), abs(low), 1e-30)
+            if spread > 0 or math.isnan(spread):  # written only when replicas differ: healthy runs log nothing
+                snapshot.put("replica_spread", spread, name)
         snapshot.put("update_ratio", _ratio(math.sqrt(total_update), math.sqrt(total_param)))
         snapshot.put("optimizer_steps", values[self._key("steps")])
 
     def _histograms(self) -> dict[str, Tensor]:
         if self._table is None:
             return {}
-        return {f"watch_hist/weight/{name}": p.detach() for _, name, p in self._table.trainable()}
+        # sharded weights: rank zero's local shard (a histogram never gathers a whole tensor)
+        return {f"watch_hist/weight/{name}": local_tensor(p.detach()) for _, name, p in self._table.trainable()}
 
 
 def _ratio(update: float, param: float) -> float:

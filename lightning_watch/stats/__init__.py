@@ -5,11 +5,15 @@ from lightning_watch.stats.kernels import (
     Moments,
     accumulator_dtype,
     alive_units,
+    as_real,
     grad_rows_alive,
     group_norms,
     l2_norms,
+    local_tensor,
     moments,
     nonfinite_count,
+    replica_weight,
+    spread_units,
 )
 from lightning_watch.stats.reduce import StatBlock, read_blocks
 from lightning_watch.stats.state import StateRegistry
@@ -21,10 +25,14 @@ __all__ = [
     "StateRegistry",
     "accumulator_dtype",
     "alive_units",
+    "as_real",
     "grad_rows_alive",
     "group_norms",
     "l2_norms",
+    "local_tensor",
     "moments",
     "nonfinite_count",
     "read_blocks",
+    "replica_weight",
+    "spread_units",
 ]

@@ -16,24 +16,104 @@ from torch import Tensor
 MOMENT_FIELDS = ("sum", "sum_sq", "nonfinite", "saturated")
 
 
+def _dtensor_type() -> type | None:
+    # torch builds without distributed support have no DTensor; nothing can be sharded there
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch < 2.4
+        return None
+    return DTensor
+
+
+def local_tensor(x: Tensor) -> Tensor:
+    """The part of ``x`` this process holds: a ``DTensor``'s local shard, any other tensor itself.
+
+    Kernels work on local shards only (never a gather); the cross-process sum of the statistics
+    is done once per logging step by :func:`~lightning_watch.stats.read_blocks`.
+
+    Example:
+        >>> local_tensor(torch.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(x, dtensor):
+        return x.to_local()
+    return x
+
+
+def replica_weight(x: Tensor) -> float:
+    """Share of ``x``'s local statistics that a cross-process *sum* should count: ``1 / replicas``.
+
+    A ``DTensor`` is split along its ``Shard`` mesh dimensions (local squares add up) and copied
+    along its ``Replicate`` ones (each copy must count once, not once per rank: torchtitan issue
+    2318 is an 8x wrong norm from that mistake). A plain tensor counts fully.
+
+    Example:
+        >>> replica_weight(torch.ones(2))
+        1.0
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(x, dtensor):
+        return 1.0
+    from torch.distributed.tensor import Replicate
+
+    copies = 1
+    for size, placement in zip(x.device_mesh.mesh.shape, x.placements):
+        if isinstance(placement, Replicate):
+            copies *= int(size)
+    return 1.0 / copies
+
+
+def as_real(x: Tensor) -> Tensor:
+    """A real view or copy of ``x`` with the same L2 norm and the same non-finite entries.
+
+    Complex ``z`` becomes its ``(re, im)`` view (``sum re**2 + im**2 = sum |z|**2``, no copy);
+    integer and bool tensors become float32 copies (rare: integer buffers, integer outputs).
+    """
+    if torch.is_complex(x):
+        return torch.view_as_real(x.resolve_conj() if x.is_conj() else x)
+    if not x.is_floating_point():
+        return x.to(torch.float32)
+    return x
+
+
 def reduction_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     """float32 for reductions of half, bfloat16 and float32 inputs; float64 if one input is float64.
 
     Reductions may widen their input but never narrow it (``torch.linalg.vector_norm`` refuses
     ``dtype=torch.float32`` on a float64 tensor), and a float64 model (``precision="64-true"``)
-    deserves float64 statistics.
+    deserves float64 statistics. Complex128 counts as float64.
     """
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    wide = (torch.float64, torch.complex128)
+    return torch.float64 if any(t.dtype in wide for t in tensors) else torch.float32
 
 
-def l2_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+def l2_norms(tensors: Sequence[Tensor], weights: Sequence[float] | None = None) -> list[Tensor]:
     """One 0-d L2 norm per tensor, in one fused call, in :func:`reduction_dtype` precision.
+
+    Any dtype is accepted: complex tensors give the norm of ``|z|``, integer ones are widened.
+    ``DTensor`` inputs are measured on their local shard and scaled by ``sqrt(weight)`` (default:
+    :func:`replica_weight`), so that the *sum over processes* of the squares is the squared norm
+    of the whole tensor. ``weights`` gives the weights explicitly, for local copies of sharded
+    tensors (the parameter-delta copy).
 
     Example:
         >>> [n.item() for n in l2_norms([torch.tensor([3.0, 4.0]), torch.ones(4, dtype=torch.float64)])]
         [5.0, 2.0]
+        >>> l2_norms([torch.tensor([3 + 4j])])[0].item()
+        5.0
     """
-    return list(torch._foreach_norm(list(tensors), 2, dtype=reduction_dtype(tensors)))
+    if not tensors:
+        return []
+    if weights is None:
+        weights = [replica_weight(t) for t in tensors]
+    local = [as_real(local_tensor(t)) for t in tensors]
+    norms = list(torch._foreach_norm(local, 2, dtype=reduction_dtype(local)))
+    if any(w != 1.0 for w in weights):
+        norms = [n * (w**0.5) if w != 1.0 else n for n, w in zip(norms, weights)]
+    return norms
 
 
 class Moments(NamedTuple):
@@ -60,7 +140,8 @@ def nonfinite_count(x: Tensor) -> Tensor:
         >>> nonfinite_count(torch.tensor([1.0, float("inf"), float("nan"), -float("inf")])).item()
         3.0
     """
-    return x.detach().mul(0).nan_to_num_(1.0).sum(dtype=torch.float32)
+    x = as_real(local_tensor(x.detach()))
+    return x.mul(0).nan_to_num_(1.0).sum(dtype=torch.float32)
 
 
 def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01) -> Moments:
@@ -85,7 +166,11 @@ def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float 
         >>> m.summed[2].item(), m.count  # nonfinite, count
         (1.0, 3)
     """
-    xf = x.detach()
+    xf = local_tensor(x.detach())
+    if torch.is_complex(xf):  # statistics of |z|: a complex output's scale is its magnitude
+        xf = xf.abs()
+    elif not xf.is_floating_point():
+        xf = xf.to(torch.float32)
     dtype = reduction_dtype([xf])
     total = xf.sum(dtype=dtype)
     # separate amax/amin: about 20 % faster than one aminmax on a CPU, and the same on a GPU
@@ -125,6 +210,9 @@ def alive_units(x: Tensor, unit_dim: int) -> Tensor:
         >>> alive_units(x, unit_dim=1).tolist()
         [True, False, True]
     """
+    x = local_tensor(x)
+    if torch.is_complex(x):
+        x = x.abs()
     dim = unit_dim % x.dim()
     others = tuple(d for d in range(x.dim()) if d != dim)
     if not others:
@@ -138,28 +226,85 @@ def grad_rows_alive(grad: Tensor, unit_dim: int = 0) -> Tensor:
     For ``nn.Linear`` and ``nn.ConvNd`` weights the units are rows (``unit_dim=0``). A unit whose
     outgoing activation is zero or whose gradient is blocked for every sample (a dead ReLU,
     whatever way it is written) gets an exactly zero row.
+
+    A ``DTensor`` gradient gives a vector over *all* units of the whole weight: the rows of the
+    local shard are placed at their global offset, other rows are False, so a cross-process
+    ``max`` (logical or) of the vectors of all ranks is the answer for the whole weight.
     """
-    g = grad.detach()
+    g = local_tensor(grad.detach())
     if unit_dim != 0:
         g = g.transpose(0, unit_dim)
     # abs+amax is exact (an L2 norm would underflow for rows of tiny values) and, unlike an
     # inf-norm or aminmax with a dim, fast on CPUs
-    return g.reshape(g.shape[0], -1).abs().amax(dim=1) > 0
+    alive = g.reshape(g.shape[0], -1).abs().amax(dim=1) > 0 if g.numel() else g.new_zeros(g.shape[0], dtype=torch.bool)
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(grad, dtensor):
+        return alive
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offsets = compute_local_shape_and_global_offset(grad.shape, grad.device_mesh, grad.placements)
+    out = torch.zeros(grad.shape[unit_dim], dtype=torch.bool, device=alive.device)
+    start = int(offsets[unit_dim])
+    out[start : start + alive.shape[0]] = alive
+    return out
 
 
-def group_norms(norms: list[Tensor], group_index: Tensor, num_groups: int) -> Tensor:
+def spread_units(alive: Tensor, weight: Tensor | None) -> Tensor:
+    """Place a shard's unit vector at its global offset when the layer that produced it is column-sharded.
+
+    Under tensor parallelism (``ColwiseParallel``) a layer's output holds this rank's share of the
+    features only, as its weight holds those rows (``Shard(0)`` on a 1-D mesh). Spread over all
+    ``weight.shape[0]`` units, the vectors of all ranks line up for the cross-process ``max``.
+    Any other case (a plain weight, an output that already holds every unit) is returned as is.
+
+    Example:
+        >>> spread_units(torch.tensor([True, False]), torch.ones(2, 3)).tolist()
+        [True, False]
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(weight, dtensor) or weight.dim() < 1 or alive.dim() != 1:
+        return alive
+    total = weight.shape[0]
+    if alive.shape[0] == total or weight.device_mesh.ndim != 1:
+        return alive
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placement = weight.placements[0]
+    if not (isinstance(placement, Shard) and placement.dim == 0):
+        return alive
+    local, offsets = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    if local[0] != alive.shape[0]:
+        return alive
+    out = torch.zeros(total, dtype=torch.bool, device=alive.device)
+    out[int(offsets[0]) : int(offsets[0]) + alive.shape[0]] = alive
+    return out
+
+
+def group_norms(
+    norms: list[Tensor], group_index: Tensor, num_groups: int, source_index: Tensor | None = None
+) -> Tensor:
     """Combine per-tensor L2 norms into per-group L2 norms with one scatter-add.
 
     Args:
         norms: one 0-d norm per tensor (e.g. from ``torch._foreach_norm``).
-        group_index: long tensor, same length as ``norms``, giving each tensor's group.
+        group_index: long tensor giving each tensor's group (same length as ``norms``, or as
+            ``source_index`` when given).
         num_groups: number of groups.
+        source_index: optional long tensor: entry ``k`` adds ``norms[source_index[k]]`` to group
+            ``group_index[k]``, so a tensor held by several groups counts fully in each.
 
     Example:
         >>> n = [torch.tensor(3.0), torch.tensor(4.0), torch.tensor(1.0)]
         >>> group_norms(n, torch.tensor([0, 0, 1]), 2).tolist()
         [5.0, 1.0]
+        >>> group_norms(n, torch.tensor([0, 1, 1]), 2, source_index=torch.tensor([0, 0, 1])).tolist()
+        [3.0, 5.0]
     """
-    squares = torch.stack(norms).to(torch.float32).square()
+    squares = torch.stack([local_tensor(n) for n in norms]).square()
+    if squares.dtype != torch.float64:
+        squares = squares.to(torch.float32)
+    if source_index is not None:  # one tensor in several groups (a tied weight): one row per pair
+        squares = squares.index_select(0, source_index.to(squares.device))
     out = torch.zeros(num_groups, dtype=squares.dtype, device=squares.device)
-    return out.index_add_(0, group_index, squares).sqrt_()
+    return out.index_add_(0, group_index.to(squares.device), squares).sqrt_()

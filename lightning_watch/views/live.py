@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from lightning_watch.views.health import HealthReport
 from lightning_watch.views.history import History
 from lightning_watch.views.images import matplotlib_available, render_pictures
-from lightning_watch.warn import warn_once
+from lightning_watch.warn import warn_once, warn_write_failed
 from lightning_watch.writers import add_images, add_text, flush, run_log_dir, writers
 
 #: TensorBoard text tag of the end-of-fit report.
@@ -173,11 +173,15 @@ class WatchViews:
         add_text(trainer, REPORT_TAG, report.to_markdown(), max(report.last_step, 0))
         flush(trainer)
         if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-            with open(os.path.join(log_dir, HEALTH_MD), "w", encoding="utf-8") as f:
-                f.write(report.to_markdown() + "\n")
-            with open(os.path.join(log_dir, HEALTH_JSON), "w", encoding="utf-8") as f:
-                f.write(report.to_json() + "\n")
+            # each file on its own: a health.md that fails must not cost health.json
+            for name, text in ((HEALTH_MD, report.to_markdown), (HEALTH_JSON, report.to_json)):
+                path = os.path.join(log_dir, name)
+                try:
+                    os.makedirs(log_dir, exist_ok=True)
+                    with open(path, "w", encoding="utf-8") as f:
+                        f.write(text() + "\n")
+                except Exception as err:
+                    warn_write_failed(path, err, "The report is still in TensorBoard's Text tab and `watch.views`.")
 
 
 def _layer_types(pl_module: pl.LightningModule, history: History) -> dict[str, str]:
