@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.tensorboard.writer import FileWriter, SummaryWriter
 
-from lightning_watch import Watch, WatchWarning
+from lightning_watch import Watch, WatchWarning, writers
 from lightning_watch.alerts import sinks
 from lightning_watch.views import live
 
@@ -33,7 +33,7 @@ def fit(tmp_path, **trainer_kwargs):
     """Fit 8 steps with Watch (the unshuffled loader raises an alert at step 0); return losses, watch, warnings."""
     torch.manual_seed(0)
     model = Quiet()
-    watch = Watch(log_every_n_steps=2)
+    watch = Watch(log_every_n_steps=2, final_pictures=True)  # the pictures are written (and fail) too
     losses: list[float] = []
 
     class Losses(Callback):
@@ -92,9 +92,12 @@ def raising(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
 
-@pytest.mark.parametrize("method", ["add_image", "add_text", "add_custom_scalars"])
+@pytest.mark.parametrize("method", ["add_image", "add_text", "layout"])
 def test_tensorboard_pictures_text_and_layout_failures(tmp_path, monkeypatch, baseline, method):
-    monkeypatch.setattr(SummaryWriter, method, raising)
+    if method == "layout":  # the Custom Scalars layout is written with the scalars of a new metric
+        monkeypatch.setattr(writers, "layout_summary", raising)
+    else:
+        monkeypatch.setattr(SummaryWriter, method, raising)
     losses, watch, messages, trainer = fit(tmp_path)
     assert losses == baseline
     assert len(messages) == 1, messages
@@ -106,7 +109,7 @@ def test_tensorboard_scalar_event_failure(tmp_path, monkeypatch, baseline):
     real = FileWriter.add_summary
 
     def add_summary(self, summary, global_step=None, walltime=None):
-        if any(v.tag.startswith("watch/") for v in summary.value):
+        if any(v.tag.startswith("watch.") for v in summary.value):
             raise OSError(28, "No space left on device")
         return real(self, summary, global_step, walltime)
 
@@ -119,7 +122,7 @@ def test_tensorboard_scalar_event_failure(tmp_path, monkeypatch, baseline):
 
 class BrokenLogger(CSVLogger):
     def log_metrics(self, metrics, step=None):
-        if any(k.startswith("watch/") for k in metrics):
+        if any(k.startswith("watch.") for k in metrics):
             raise RuntimeError("the tracking server is down")
         return super().log_metrics(metrics, step)
 
