@@ -23,6 +23,7 @@ from lightning_watch.monitors import (
 from lightning_watch.monitors.bundle import FAMILIES, MonitorBundle
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.views.live import WatchViews
+from lightning_watch.writers import progress_bar_metrics
 
 
 class Watch(Callback):
@@ -108,6 +109,7 @@ class Watch(Callback):
         self._bundle = MonitorBundle(monitors)
         self._listeners: list[SnapshotListener] = []
         self._busy = False  # whether any monitor works on the current batch
+        self._shown: int | None = None  # alert count in the progress bar
         # end-of-fit health report and TensorBoard pictures (lightning_watch/views/)
         self.views = WatchViews(report=report, pictures=pictures, final_pictures=final_pictures)
         if isinstance(alerts, bool):
@@ -154,6 +156,7 @@ class Watch(Callback):
         if stage != "fit":
             return
         self._last_snapshot = None
+        self._shown = None
         self._bundle.prepare(trainer, pl_module)
         if self.early_alerts is not None:
             self.early_alerts.prepare(trainer, pl_module)
@@ -241,6 +244,17 @@ class Watch(Callback):
             self._bundle.end_batch(trainer, pl_module, stepped, logging_step(trainer))
         if stepped:
             StatHub.for_trainer(trainer).batch_end(self, trainer, pl_module)
+        self._show_health(trainer, pl_module)
+
+    def _show_health(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the health line in the progress bar (`watch_warnings=0`): logged when the count changes
+        # (Lightning keeps the last value shown), so the user need not open TensorBoard to learn of a problem
+        if self.early_alerts is None or trainer.progress_bar_callback is None:
+            return
+        count = len(self.alerts)
+        if count != self._shown:
+            self._shown = count
+            pl_module.log_dict(progress_bar_metrics(self.alerts), prog_bar=True, logger=False, rank_zero_only=True)
 
     # ------------------------------------------------------------------ validation (monitors that measure it)
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

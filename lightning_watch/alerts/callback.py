@@ -121,6 +121,7 @@ class EarlyAlerts(Callback):
         self._agreeing = False  # this fit runs under DDP with a "stop"/"raise" action
         self._bundled = False  # True when a Watch drives this engine
         self._own = MonitorBundle([])  # used alone: the monitors built here
+        self._inert = False  # used alone next to a Watch with alerts of its own: does nothing
         self._pending_state: dict[str, Any] | None = None  # a checkpoint, applied at fit start
         self._fresh()
 
@@ -162,6 +163,11 @@ class EarlyAlerts(Callback):
                 actions=self.config.actions, disabled=sorted(self.config.disabled)
             )
         return key
+
+    @property
+    def _passive(self) -> bool:
+        # a Watch drives this engine, or another engine judges this Trainer: the Lightning hooks do nothing
+        return self._bundled or self._inert
 
     def bind(self, log_every_n_steps: int | None, sample_every_n_steps: int | None) -> None:
         """Called by a ``Watch`` that drives this engine: its cadence arguments apply to the loss window."""
@@ -374,7 +380,16 @@ class EarlyAlerts(Callback):
             )
         if stage != "fit":
             return
-        present = _families_measured_by_others(trainer, self)
+        present, other = _families_measured_by_others(trainer, self)
+        self._inert = other is not None
+        if self._inert:
+            rank_zero_warn(
+                f"EarlyAlerts is in the Trainer's callbacks next to a {type(other).__name__} that has alerts of its "
+                "own: every alert would be raised twice, so this EarlyAlerts does nothing. Configure that one instead "
+                "(`Watch(alerts=EarlyAlerts(...))`), or pass `Watch(alerts=False)`.",
+                category=WatchWarning,
+            )
+            return
         self._own = MonitorBundle(
             [cls(log_every_n_steps=self._log_every_n_steps) for cls in FAMILIES.values() if cls not in present]
         )
@@ -385,39 +400,39 @@ class EarlyAlerts(Callback):
         self._hub = hub
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._bundled:
+        if self._passive:
             return
         self._own.start(trainer, pl_module)
         self.start(trainer, pl_module)
         self._hub.join(self, [*self._own.monitors, *self.sources()])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._bundled:
+        if not self._passive:
             self.train_start(trainer, pl_module)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._bundled:
+        if self._passive:
             return
         self.begin_batch(trainer, pl_module, batch)  # first: its one-time checks run before any hook is armed
         self._own.begin_batch(logging_step(trainer))
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
-        if not self._bundled:
+        if not self._passive:
             self.before_backward(trainer, pl_module, loss)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if not self._bundled:
+        if not self._passive:
             self.before_optimizer_step(trainer, pl_module, optimizer)
             self._own.before_optimizer_step(trainer, pl_module, optimizer, logging_step(trainer))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._bundled:
+        if self._passive:
             return
         self.end_batch(trainer, pl_module, outputs)
         stepped = steps_optimizer(trainer)
@@ -426,11 +441,11 @@ class EarlyAlerts(Callback):
             self._hub.batch_end(self, trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._bundled:
+        if not self._passive:
             self._hub.flush(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._bundled:
+        if stage != "fit" or self._passive:
             return
         self._leave(trainer)
         self.stop(trainer)
@@ -438,7 +453,7 @@ class EarlyAlerts(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning calls no `teardown` after an exception: without this the monitors' hooks
         # (forward hooks, optimizer step hooks) would stay on the user's model and optimizer
-        if self._bundled:
+        if self._passive:
             return
         self._leave(trainer)
         self.abort()
@@ -451,22 +466,18 @@ class EarlyAlerts(Callback):
         hub.leave(self)
 
 
-def _families_measured_by_others(trainer: pl.Trainer, me: EarlyAlerts) -> set[type[WatchMonitor]]:
-    """Monitor families that another callback of the Trainer measures (a standalone monitor, a Watch)."""
+def _families_measured_by_others(trainer: pl.Trainer, me: EarlyAlerts) -> tuple[set[type[WatchMonitor]], Any]:
+    """Monitor families another callback of the Trainer measures, and a callback with alerts of its own."""
     present: set[type[WatchMonitor]] = set()
+    other = None
     for callback in trainer.callbacks:
         monitors = [callback] if isinstance(callback, WatchMonitor) else list(getattr(callback, "monitors", ()))
         for monitor in monitors:
             present.update(cls for cls in FAMILIES.values() if isinstance(monitor, cls))
-        other = getattr(callback, "early_alerts", None)
-        if other is not None and other is not me:
-            rank_zero_warn(
-                f"EarlyAlerts is in the Trainer's callbacks next to a {type(callback).__name__} that has alerts of its "
-                "own: every alert would be raised twice. Configure that one instead "
-                "(`Watch(alerts=EarlyAlerts(...))`), or pass `Watch(alerts=False)`.",
-                category=WatchWarning,
-            )
-    return present
+        engine = getattr(callback, "early_alerts", None)
+        if engine is not None and engine is not me:
+            other = callback
+    return present, other
 
 
 def _now(trainer: pl.Trainer) -> Snapshot:
