@@ -287,7 +287,10 @@ def _worker(rank: int, out: str, port: int) -> None:
         restore = _count_gathers_per_publish(counts)
         snapshots: list[dict] = []
         watch = Watch(log_every_n_steps=1, sample_every_n_steps=1)
-        watch.add_listener(lambda t, m, s: snapshots.append({legacy_tag(k): v for k, v in s.scalars().items()}))
+        # logging steps only: the end of fit hands the last one again, marked final (no new read)
+        watch.add_listener(
+            lambda t, m, s: s.final or snapshots.append({legacy_tag(k): v for k, v in s.scalars().items()})
+        )
         logger = pl.loggers.TensorBoardLogger(str(out), name="tb", version=0)
         trainer = make_trainer(out, [watch], strategy="ddp", devices=2, logger=logger, use_distributed_sampler=False)
         per_batch = _count_collectives_per_batch(watch, trainer.strategy)

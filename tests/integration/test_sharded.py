@@ -84,10 +84,10 @@ class CopyProbe(pl.Callback):
 
 
 def _count_gathers(trainer, counts: list[int]):
-    """Count the strategy's all-gathers inside each publication (the one read)."""
-    import lightning_watch.watch as watch_module
+    """Count the strategy's all-gathers inside each publication of the hub (the one read)."""
+    from lightning_watch.hub import StatHub
 
-    original = watch_module.publish
+    original = StatHub.publish
     strategy = trainer.strategy
     gather = strategy.all_gather
 
@@ -105,8 +105,8 @@ def _count_gathers(trainer, counts: list[int]):
             del strategy.all_gather
             counts.append(len(calls))
 
-    watch_module.publish = publish
-    return lambda: setattr(watch_module, "publish", original)
+    StatHub.publish = publish
+    return lambda: setattr(StatHub, "publish", original)
 
 
 def _forbid_gathers_from_watch():
