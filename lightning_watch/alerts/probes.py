@@ -85,7 +85,7 @@ class InputProbe(_Probe):
         x = first_float_tensor(batch)
         if x is None or not self.state.allocated:
             return
-        x = x.detach()
+        x = local_tensor(x).detach()
         dtype = reduction_dtype([x])
         self.state["sums"].add_(torch.stack([x.sum(dtype=dtype), sum_of_squares(x, dtype)]))
         torch.maximum(self.state["high"], x.abs().amax().to(self.state["high"].dtype), out=self.state["high"])
@@ -143,7 +143,7 @@ class OutputProbe(_Probe):
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         y = primary_tensor(output)
         if y is not None and y.is_floating_point() and y.dim() >= 2 and y.shape[-1] >= 2:
-            self._last = y.detach()
+            self._last = local_tensor(y).detach()
 
     def measure(self) -> None:
         """Measure the output kept by the hooks (the end of a sampled batch)."""
@@ -229,7 +229,7 @@ class GradientHygiene(_Probe):
         grads = [p.grad for p in self._trainable() if p.grad is not None]
         if not grads:
             return  # zeroed with set_to_none (the default): known on the host, no kernel
-        stale = torch.stack(l2_norms(grads)).amax() > 0
+        stale = torch.stack(l2_norms([local_tensor(g) for g in grads])).amax() > 0
         torch.maximum(self.state["stale"], stale.to(self.state["stale"].dtype), out=self.state["stale"])
 
     def before_optimizer_step(self, optimizer: Optimizer) -> None:
@@ -245,6 +245,8 @@ class GradientHygiene(_Probe):
             if p.grad is None:
                 self._missing[self._owner.get(id(p), "?")] = 1.0
         zero_numel = torch.zeros((), dtype=self.state["without"].dtype, device=self.state["without"].device)
+        # a sharded gradient is judged by this rank's shard only when the parameter is not sharded
+        with_grad = [p for p in with_grad if local_tensor(p.grad) is p.grad]
         if with_grad:
             norms = torch.stack(l2_norms([p.grad for p in with_grad]))
             sizes = torch.tensor([float(p.numel()) for p in with_grad], dtype=zero_numel.dtype, device=norms.device)
@@ -290,6 +292,8 @@ class UnitSymmetry(_Probe):
             and module.weight.shape[0] > 1
             and not torch.is_complex(module.weight)
             and not hasattr(module, "parametrizations")
+            # a sharded weight's units live on several ranks: comparing them would need a gather
+            and local_tensor(module.weight) is module.weight
         ]
         self.state.clear()
         self.state.declare("spread", (len(self._layers),), reduce="max")
