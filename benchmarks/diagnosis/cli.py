@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from typing import Any
@@ -31,6 +32,16 @@ def _ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x != ""]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _revision(path: str) -> str:
+    """``<commit>`` of the lightning_watch checkout measured, ``+dirty`` when it has uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "."], cwd=path, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") or "unknown"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,13 +85,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     todo = [spec for spec in truth_specs if spec.key not in cache]
     if not args.quiet:
         print(f"ground truth: {len(truth_specs) - len(todo)} cached, {len(todo)} to run", flush=True)
-    fresh = run_many(todo, jobs=args.jobs, timeout=args.timeout, progress=not args.quiet)
     truth = dict(cache)
-    truth.update({spec.key: result for spec, result in fresh.items()})
-    if not args.no_cache and fresh:
-        stored = score.load_cache(args.ground_truth, version)
-        stored.update({spec.key: result for spec, result in fresh.items()})
-        score.save_cache(args.ground_truth, version, stored)
+    for name in names:  # one setup at a time, saved as it completes: an interrupted run keeps its work
+        fresh = run_many([t for t in todo if t.setup == name], jobs=args.jobs, timeout=args.timeout,
+                         progress=not args.quiet)  # fmt: skip
+        truth.update({spec.key: result for spec, result in fresh.items()})
+        if not args.no_cache and fresh:
+            stored = score.load_cache(args.ground_truth, version)
+            stored.update({spec.key: result for spec, result in fresh.items()})
+            score.save_cache(args.ground_truth, version, stored)
+    # imported once, before the forks: every watched run uses the same code, loaded once
+    import lightning_watch
+
     watched_specs = [Spec(s, op, seed, True) for s, op in cells for seed in watch_seeds]
     if not args.quiet:
         print(f"watched runs: {len(watched_specs)}", flush=True)
@@ -93,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lightning": lightning.__version__,
         "python": platform.python_version(),
         "version": version,
+        "lightning_watch": _revision(os.path.dirname(os.path.abspath(lightning_watch.__file__))),
         "seeds": ",".join(map(str, seeds)),
         "watch_seeds": ",".join(map(str, watch_seeds)),
         "seconds": time.perf_counter() - start,

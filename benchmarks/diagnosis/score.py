@@ -208,7 +208,8 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
         "# Fault benchmark of the default `Watch()`",
         "",
         f"{meta['date']} · {meta['machine']} · torch {meta['torch']} · lightning {meta['lightning']} · "
-        f"code version `{meta['version']}` · ground-truth seeds {meta['seeds']} · watched seeds {meta['watch_seeds']}"
+        f"lightning_watch `{meta.get('lightning_watch', '?')}` · code version `{meta['version']}` · "
+        f"ground-truth seeds {meta['seeds']} · watched seeds {meta['watch_seeds']}"
         f" · {meta['seconds']:.0f} s",
         "",
         f"`{meta['command']}`",
