@@ -261,7 +261,7 @@ def _first_not_none(*modules: nn.Module | None) -> nn.Module | None:
 
 
 def _bounds_of(module: nn.Module) -> tuple[float, float] | None:
-    if isinstance(module, nn.Hardtanh):
+    if isinstance(module, nn.Hardtanh) and not isinstance(module, nn.ReLU6):  # ReLU6's zeros: dead, not saturated
         return (float(module.min_val), float(module.max_val))
     for cls, bounds in BOUNDED_OUTPUTS.items():
         if isinstance(module, cls):
