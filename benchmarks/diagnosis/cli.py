@@ -57,11 +57,46 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ground-truth", default=DEFAULT_TRUTH, help="ground-truth cache (JSON)")
     p.add_argument("--no-cache", action="store_true", help="recompute the ground truth (the cache is not written)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="combine result files of earlier runs, train nothing")
     return p
+
+
+def merge(paths: list[str], out: str) -> dict[str, Any]:
+    """One table from result files of runs over disjoint setups (e.g. a long benchmark run in parts)."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    rows = [row for part in parts for row in part["rows"]]
+    keys = [(r["setup"], r["operator"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"`--merge` files must cover disjoint setups, got {sorted({k[0] for k in keys})!r} twice.")
+    meta = dict(parts[0]["meta"])
+    meta["seconds"] = sum(p["meta"]["seconds"] for p in parts)
+    meta["command"] = " + ".join(p["meta"]["command"] for p in parts)
+    meta["date"] = ", ".join(sorted({p["meta"]["date"] for p in parts}))
+    meta["lightning_watch"] = ", ".join(sorted({p["meta"].get("lightning_watch", "?") for p in parts}))
+    result = {"rows": rows, "summary": score.summarize(rows), "meta": meta, "merged_from": paths}
+    result["watched_runs"] = {k: v for p in parts for k, v in p.get("watched_runs", {}).items()}
+    _write(result, out, "diagnosis")
+    return result
+
+
+def _write(result: dict[str, Any], out: str, stem: str) -> str:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+        f.write("\n")
+    text = score.markdown(result, result["meta"])
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.set_num_threads(1)
     if args.quick:
         args.setups = args.setups or QUICK_SETUPS
@@ -117,14 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     result["meta"] = meta
     result["watched_runs"] = {spec.key: run for spec, run in watched.items()}
-    os.makedirs(args.out, exist_ok=True)
-    stem = "diagnosis_quick" if args.quick else "diagnosis"
-    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-        f.write("\n")
-    text = score.markdown(result, meta)
-    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
-        f.write(text)
+    text = _write(result, args.out, "diagnosis_quick" if args.quick else "diagnosis")
     if not args.quiet:
         print(text)
     return result
