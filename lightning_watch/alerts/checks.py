@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 
 from lightning_watch.alerts.alert import Alert
 from lightning_watch.alerts.rules import RuleContext
@@ -37,20 +37,36 @@ def _loaders(obj: Any) -> list[DataLoader]:
     return []
 
 
+def _sequential(sampler: Any) -> bool:
+    if isinstance(sampler, SequentialSampler):
+        return True
+    # under DDP Lightning swaps in a DistributedSampler that keeps the original choice
+    return isinstance(sampler, DistributedSampler) and not sampler.shuffle
+
+
+def _reads_in_order(loader: DataLoader) -> bool:
+    """Whether a map-style loader's batches come in a fixed order (only what its samplers tell for sure)."""
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if batch_sampler is None or (type(batch_sampler) is BatchSampler and batch_sampler.sampler is sampler):
+        return _sequential(sampler)
+    # A `batch_sampler=` of the user's: `loader.sampler` is then a SequentialSampler placeholder,
+    # and the batch sampler decides the order. Judge the sampler it draws from, or its `shuffle`
+    # flag; a batch sampler with neither (a bucketing sampler) is left to the label-run check.
+    inner = getattr(batch_sampler, "sampler", None)
+    if inner is not None:
+        return _sequential(inner)
+    return getattr(batch_sampler, "shuffle", None) is False
+
+
 def check_sampler(ctx: RuleContext, at: Snapshot, train_dataloader: Any) -> list[Alert]:
     """``unshuffled_data`` when a map-style training loader samples in order."""
     out = []
     for loader in _loaders(train_dataloader):
         if isinstance(loader.dataset, IterableDataset):
             continue  # order is the data set's business: judged by label runs instead
-        sampler = getattr(loader, "sampler", None)
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        inner = getattr(batch_sampler, "sampler", None)
-        ordered = isinstance(sampler, SequentialSampler) and (inner is None or isinstance(inner, SequentialSampler))
-        # under DDP Lightning swaps in a DistributedSampler that keeps the original choice
-        ordered |= isinstance(sampler, DistributedSampler) and not sampler.shuffle
-        ordered |= isinstance(inner, DistributedSampler) and not inner.shuffle
-        if ordered and len(loader.dataset) > 1:
+        if _reads_in_order(loader) and len(loader.dataset) > 1:
+            sampler = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
             out.append(
                 ctx.alert(
                     "unshuffled_data",
@@ -109,18 +125,43 @@ class LabelRunCheck:
         ]
 
 
+def _label_vector(y: Any) -> Tensor | None:
+    if not isinstance(y, Tensor) or y.dim() != 1 or y.numel() < 2:
+        return None
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        return None
+    return y
+
+
 def _labels(batch: Any) -> Tensor | None:
-    """The integer label vector of an ``(inputs, labels, ...)`` batch, if there is one."""
+    """The integer label vector of an ``(inputs, labels, ...)`` batch, if there is one.
+
+    In an ``(ids, lengths, labels)`` batch the second element holds sequence lengths (every value
+    between 1 and the padded length of ``ids``), and the labels come third.
+    """
     if isinstance(batch, Mapping):
         batch = [batch.get("x"), batch.get("y", batch.get("label", batch.get("labels")))]
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         return None
-    y = batch[1]
-    if not isinstance(y, Tensor) or y.dim() != 1 or y.numel() < 2:
-        return None
-    if y.is_floating_point() or y.dtype == torch.bool:
-        return None
-    return y
+    y = _label_vector(batch[1])
+    if y is None or len(batch) < 3 or _label_vector(batch[2]) is None or not _are_lengths(batch[0], y):
+        return y
+    return _label_vector(batch[2]) if len(batch[2]) == len(y) else y
+
+
+def _are_lengths(x: Any, y: Tensor) -> bool:
+    """``y`` looks like the lengths of the padded sequences in ``x``: 1 <= y <= a sequence dim of ``x``."""
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        return False
+    if len(y) == x.shape[0]:
+        seq = x.shape[1]  # (batch, seq, ...)
+    elif len(y) == x.shape[1]:
+        seq = x.shape[0]  # time-major (seq, batch, ...)
+    else:
+        return False
+    # a one-time host read of the first batches' vector
+    low, high = int(y.min()), int(y.max())
+    return low >= 1 and high <= seq and high > 1
 
 
 def _inputs(batch: Any) -> Tensor | None:
@@ -150,73 +191,145 @@ def check_batch_mixing(ctx: RuleContext, at: Snapshot, pl_module: pl.LightningMo
     The model runs in eval mode (normalization layers use running statistics, dropout is off)
     under ``torch.no_grad``, on the first batch, with samples 0, the middle one and the last one
     perturbed in turn: a model that mixes "forward" along the batch axis (an RNN run over it) is
-    seen from sample 0, one that mixes "backward" from the last. Training flags, the RNG state,
-    gradients and buffers are left as they were. The check is skipped, silently, if the batch is
-    not ``inputs`` or ``(inputs, ...)`` or the forward pass does not accept the inputs alone.
+    seen from sample 0, one that mixes "backward" from the last.
+
+    The batch dimension is found, not assumed: it is the dimension of the labels' length when
+    that singles one out, else dimension 0 and, for time-major inputs (``(seq, batch, ...)`` or
+    integer ``(seq, batch)`` tokens), dimension 1 as well; samples must be independent along at
+    least one candidate. Every forward starts from the same RNG state, so a forward that samples
+    noise (a VAE) draws the same noise each time; one that still differs from itself unperturbed
+    is stochastic in a way the check cannot control and is skipped. Training flags, the RNG
+    state, gradients and buffers are left as they were. The check is skipped, silently, if the
+    batch is not ``inputs`` or ``(inputs, ...)`` or the forward pass does not accept the inputs alone.
     """
     x = _inputs(batch)
     if x is None or x.dim() == 0 or x.shape[0] < 3:
         return []
-    size = x.shape[0]
+    threshold = ctx.setting("batch_mixing", "threshold")
     flags = {module: module.training for module in pl_module.modules()}
     devices = [x.device] if x.device.type == "cuda" else []
+    worst = None
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             pl_module.eval()
-            reference = _first_tensor(pl_module(x))
-            if reference is None or reference.dim() == 0 or reference.shape[0] != size:
+            rng = _rng_state(x.device)
+
+            def run(inputs: Tensor) -> Tensor | None:
+                _set_rng_state(x.device, rng)
+                return _first_tensor(pl_module(inputs))
+
+            reference = run(x)
+            if reference is None or reference.dim() == 0 or not reference.is_floating_point():
                 return []
-            if not reference.is_floating_point() or not torch.isfinite(reference).all():
+            if not torch.isfinite(reference).all():
                 return []
             scale = reference.abs().max().item() + 1e-12
-            worst, worst_j, worst_i = 0.0, -1, -1
+            again = run(x)
+            if again is None or again.shape != reference.shape:
+                return []
+            if (again - reference).abs().max().item() / scale > threshold:
+                return []  # stochastic even from one RNG state: its differences prove nothing
             generator = torch.Generator().manual_seed(0)
-            for j in sorted({0, size // 2, size - 1}):
-                changed = _perturbed(x, j, generator)
-                if changed is None:
+            for dim in _batch_dims(x, reference, _labels(batch)):
+                found = _mixing_along(x, dim, reference, scale, run, generator)
+                if found is None:
                     return []
-                out = _first_tensor(pl_module(changed))
-                if out is None or out.shape != reference.shape:
-                    return []
-                diff = (out - reference).abs().reshape(size, -1).amax(dim=1) / scale
-                diff[j] = 0
-                value, index = diff.max(dim=0)
-                if value.item() > worst:
-                    worst, worst_j, worst_i = value.item(), j, index.item()
+                if found[0] <= threshold:
+                    return []  # samples are independent along this dimension: it is the batch's
+                if worst is None or found[0] > worst[0]:
+                    worst = (*found, dim)
     except Exception:  # an odd forward signature: the check does not apply
         return []
     finally:
         for module, flag in flags.items():
             module.training = flag
-    threshold = ctx.setting("batch_mixing", "threshold")
-    if worst <= threshold:
+    if worst is None:
         return []
+    value, worst_j, worst_i, dim = worst
+    where = f" (batch dimension {dim})" if dim else ""
     return [
         ctx.alert(
             "batch_mixing",
             at,
             None,
-            worst,
+            value,
             threshold,
-            f"Changing sample {worst_j} of the batch changed the model's output for sample {worst_i} (relative change "
-            f"{worst:.2g}, in eval mode): samples of a batch influence each other.",
+            f"Changing sample {worst_j} of the batch{where} changed the model's output for sample {worst_i} "
+            f"(relative change {value:.2g}, in eval mode): samples of a batch influence each other.",
             "Check `batch_first` of RNN/LSTM/GRU/MultiheadAttention/Transformer layers against your tensor layout "
             "(`(batch, seq, feature)` needs `batch_first=True`), and any `view`/`reshape`/`transpose` that moves the "
             "batch dimension.",
             severity="error",
             perturbed_sample=worst_j,
             affected_sample=worst_i,
+            batch_dim=dim,
         )
     ]
 
 
-def _perturbed(x: Tensor, j: int, generator: torch.Generator) -> Tensor | None:
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _aligned(x: Tensor, reference: Tensor, dim: int) -> Tensor | None:
+    """``reference`` viewed so that its dimension ``dim`` is the inputs' dimension ``dim``, if it can be."""
+    if reference.dim() > dim and reference.shape[dim] == x.shape[dim]:
+        return reference
+    if x.dim() >= 2 and reference.dim() >= 1 and reference.shape[0] == x.shape[0] * x.shape[1] != x.shape[0]:
+        return reference.reshape(x.shape[0], x.shape[1], *reference.shape[1:])  # outputs flattened to (seq*batch, ...)
+    return None
+
+
+def _batch_dims(x: Tensor, reference: Tensor, labels: Tensor | None) -> list[int]:
+    """Candidate batch dimensions of ``x``: those along which the output is laid out like the inputs."""
+    dims = [0]
+    # dimension 1 for time-major layouts only: in a float (batch, features) input it is the features
+    if x.dim() >= 3 or (x.dim() == 2 and not x.is_floating_point()):
+        dims.append(1)
+    dims = [d for d in dims if x.shape[d] >= 3 and _aligned(x, reference, d) is not None]
+    if labels is not None:
+        matching = [d for d in dims if x.shape[d] == len(labels)]
+        if len(matching) == 1:
+            return matching  # one label per sample: the batch is where the labels are
+    return dims
+
+
+def _mixing_along(x: Tensor, dim: int, reference: Tensor, scale: float, run, generator: torch.Generator):
+    """``(relative change, perturbed j, affected i)``: the largest change of another sample's output."""
+    size = x.shape[dim]
+    expected = _aligned(x, reference, dim)
+    worst, worst_j, worst_i = 0.0, -1, -1
+    for j in sorted({0, size // 2, size - 1}):
+        changed = _perturbed(x, dim, j, generator)
+        if changed is None:
+            return None
+        out = run(changed)
+        if out is None or out.shape != reference.shape:
+            return None
+        out = _aligned(x, out, dim)
+        diff = (out - expected).abs().movedim(dim, 0).reshape(size, -1).amax(dim=1) / scale
+        diff[j] = 0
+        value, index = diff.max(dim=0)
+        if value.item() > worst:
+            worst, worst_j, worst_i = value.item(), j, index.item()
+    return worst, worst_j, worst_i
+
+
+def _perturbed(x: Tensor, dim: int, j: int, generator: torch.Generator) -> Tensor | None:
     changed = x.clone()
+    target = changed.select(dim, j)
     if x.is_floating_point():
-        noise = torch.randn(x[j].shape, generator=generator).to(x)
-        changed[j] = x[j] + noise * (x.float().std().clamp_min(1e-3).to(x.dtype)) + 1.0
+        noise = torch.randn(target.shape, generator=generator).to(x)
+        target.copy_(x.select(dim, j) + noise * (x.float().std().clamp_min(1e-3).to(x.dtype)) + 1.0)
     elif x.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        changed[j] = x[(j + 1) % x.shape[0]]  # another sample's tokens, same vocabulary
+        target.copy_(x.select(dim, (j + 1) % x.shape[dim]))  # another sample's tokens, same vocabulary
     else:
         return None
     return changed

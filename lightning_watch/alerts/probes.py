@@ -19,7 +19,7 @@ from lightning_watch.cadence import Cadence
 from lightning_watch.outputs import primary_tensor
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, StateRegistry, l2_norms
-from lightning_watch.stats.kernels import reduction_dtype, sum_of_squares
+from lightning_watch.stats.kernels import local_tensor, reduction_dtype, sum_of_squares
 
 
 def first_float_tensor(batch: Any) -> Tensor | None:

@@ -186,11 +186,19 @@ def loss_plateau(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
 
 @_rule(AlertCode.LOSS_DIVERGENCE)
 def loss_divergence(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
-    """The window-mean loss rose ``threshold``x above its best level so far (``patience`` of the last 3 windows)."""
+    """The window-mean loss rose ``threshold``x above its best level so far (``patience`` of the last 3 windows).
+
+    Only for losses that stay positive: "x times its best level" means nothing for a loss that is
+    zero or negative at times (a policy-gradient or GAN generator loss, an ELBO in nats), so the
+    rule is silent once the initial loss or any window's minimum was not positive.
+    """
     s = ctx.settings["loss_divergence"]
     history = list(ctx.history)
     initial = ctx.initial_loss
-    if not math.isfinite(initial):
+    if not math.isfinite(initial) or initial <= 0:
+        return
+    lows = [w.get("loss_min", default=math.nan) for w in (*history, snapshot)]
+    if any(low <= 0 for low in lows if math.isfinite(low)):
         return
 
     def risen(index: int) -> tuple[bool, float, float]:
@@ -210,10 +218,9 @@ def loss_divergence(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
             "loss_divergence",
             snapshot,
             None,
-            mean / best if best > 0 else math.inf,
+            mean / best,
             s["threshold"],
-            f"The loss rose to {_fmt(mean)} (window mean), {_fmt(mean / best) if best > 0 else 'far'}x its best "
-            f"level {_fmt(best)}.",
+            f"The loss rose to {_fmt(mean)} (window mean), {_fmt(mean / best)} times its best level {_fmt(best)}.",
             "Lower the learning rate (or add warm-up), enable gradient clipping "
             "(`Trainer(gradient_clip_val=1.0)`), and check the data for corrupt batches.",
         )
