@@ -182,6 +182,7 @@ class EarlyAlerts(Callback):
         """Start a new fit (``setup``)."""
         self._fresh()
         self.engine.reset()
+        self.loss.clear()  # a Watch fitted again must not compare new losses with the last fit's
         self._cadence = Cadence.resolve(trainer, self._log_every_n_steps, self._sample_every_n_steps)
         self._agreeing = trainer.world_size > 1 and self.config.may_stop_or_raise
 

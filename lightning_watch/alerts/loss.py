@@ -73,6 +73,13 @@ class LossWindow:
         self._pending_initial: list[float] | None = None
         self.state = StateRegistry()
 
+    def clear(self) -> None:
+        """A new fit: forget the previous fit's losses (a checkpoint loaded afterwards restores them)."""
+        self.initial_loss = math.nan
+        self._initial_seen = 0
+        self._provisional = math.nan
+        self._pending_initial = None
+
     def start(self, cadence: Cadence, device: torch.device) -> None:
         """Allocate for losses on ``device`` (fit start); a window restored from a checkpoint is applied here.
 

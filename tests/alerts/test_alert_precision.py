@@ -274,10 +274,6 @@ class _Small(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-4)  # the loss stays near its initial level
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LossMonitor keeps the first fit's initial-loss buffer (alerts/loss.py, see handoff diag.md)",
-)
 def test_second_fit_does_not_compare_with_the_first_fits_losses(tmp_path):
     torch.manual_seed(0)
     watch = Watch(report=False, pictures=False)
