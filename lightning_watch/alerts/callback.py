@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,16 +27,14 @@ from lightning_watch.alerts.frozen import check_frozen
 from lightning_watch.alerts.loss import LossWindow, NonFiniteGuard, extract_loss
 from lightning_watch.alerts.probes import GradientHygiene, InputProbe, OutputProbe, UnitSymmetry
 from lightning_watch.alerts.rules import Rule
-from lightning_watch.alerts.sinks import AlertSinks
+from lightning_watch.alerts.sinks import AlertSinks, AlertWarning
 from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
 from lightning_watch.capture import is_compiled
 from lightning_watch.hub import StatHub, StatSource
 from lightning_watch.monitors import WatchMonitor
 from lightning_watch.monitors.bundle import FAMILIES, MonitorBundle
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.warn import WatchWarning
-
-log = logging.getLogger("lightning_watch.alerts")
+from lightning_watch.warn import WatchWarning, say
 
 
 class EarlyAlerts(Callback):
@@ -344,7 +341,7 @@ class EarlyAlerts(Callback):
             raise AlertError(alert)
         if self.stop_alert is None:
             self.stop_alert = alert
-            log.warning("Stopping training because of %s.", alert.code)
+            say(f"lightning_watch stops training because of {alert.code}: {alert.message}", AlertWarning)
         trainer.should_stop = True
 
     # ------------------------------------------------------------------ checkpointing
