@@ -130,7 +130,7 @@ class ParameterMonitor(WatchMonitor):
         self._table = ParameterTable(self._modules)
         self._sharded = strategy_shards_parameters(trainer)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._table is not None:  # parameters may have been swapped in `configure_model`
             self._table.refresh()
-        super().on_fit_start(trainer, pl_module)
+        super().start(trainer, pl_module)

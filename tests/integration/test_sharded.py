@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import Recorder, join_two_process_group, make_trainer
+from helpers import Recorder, join_two_process_group, legacy_tag, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -174,7 +174,9 @@ def _model_parallel_fits(out: Path, model_cls, data_parallel: int, tensor_parall
         }
         if watched:
             result.update(
-                snapshots=[(s.step, dict(s.scalars())) for s in snapshots],
+                snapshots=[
+                    (s.step, {legacy_tag(k): v for k, v in s.scalars().items()}) for s in snapshots if not s.final
+                ],
                 gathers_per_publish=counts,
                 watch_gathers=gathers,
                 copies=callbacks[-1].copies,
@@ -256,7 +258,7 @@ def _ddp_fit(out: Path, rank: int, reinit: bool) -> dict:
     torch.manual_seed(0)
     watch = Watch(log_every_n_steps=2, pictures=False)
     snapshots: list = []
-    watch.add_listener(lambda t, m, s: snapshots.append(dict(s.scalars())))
+    watch.add_listener(lambda t, m, s: s.final or snapshots.append({legacy_tag(k): v for k, v in s.scalars().items()}))
     callbacks = [watch] + ([Reinit()] if reinit else [])
     trainer = make_trainer(out, callbacks, strategy="ddp", devices=2, logger=False, max_steps=4)
     with warnings.catch_warnings():
