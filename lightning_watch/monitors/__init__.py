@@ -1,7 +1,7 @@
 """The four monitors, one per family of statistics."""
 
-from lightning_watch.monitors._base import WatchMonitor
 from lightning_watch.monitors.activation_scale import ActivationScaleMonitor
+from lightning_watch.monitors.base import WatchMonitor
 from lightning_watch.monitors.dead_unit import DeadUnitMonitor
 from lightning_watch.monitors.gradient_norm import GradientNormMonitor
 from lightning_watch.monitors.parameter_delta import ParameterDeltaMonitor

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_watch.capture import CapturedOutput
 from lightning_watch.hub import StatHub
-from lightning_watch.monitors._base import WatchMonitor
+from lightning_watch.monitors.base import WatchMonitor
 from lightning_watch.selection import ACTIVATION_TYPES, owns_parameters
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import MOMENT_FIELDS, StatBlock, StateRegistry

@@ -8,8 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.optim import Optimizer
 
-from lightning_watch.monitors._base import WatchMonitor
 from lightning_watch.monitors.activation_scale import ActivationScaleMonitor
+from lightning_watch.monitors.base import WatchMonitor
 from lightning_watch.monitors.dead_unit import DeadUnitMonitor
 from lightning_watch.monitors.gradient_norm import GradientNormMonitor
 from lightning_watch.monitors.parameter_delta import ParameterDeltaMonitor

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
 from lightning_watch.capture import CapturedOutput
-from lightning_watch.monitors._base import WatchMonitor
+from lightning_watch.monitors.base import WatchMonitor
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, StateRegistry, grad_rows_alive, spread_units
 from lightning_watch.warn import warn_once

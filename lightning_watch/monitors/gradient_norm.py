@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_watch.cadence import logging_step
-from lightning_watch.monitors._params import ParameterMonitor
+from lightning_watch.monitors.params import ParameterMonitor
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, l2_norms, local_tensor, nonfinite_count, replica_weight
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_watch.cadence import logging_step
-from lightning_watch.monitors._params import ParameterMonitor
+from lightning_watch.monitors.params import ParameterMonitor
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, as_real, l2_norms, local_tensor, replica_weight
 

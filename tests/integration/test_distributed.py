@@ -29,7 +29,7 @@ from lightning_watch.alerts.alert import Alert
 from lightning_watch.command import main as command_main
 from lightning_watch.hub import StatHub
 from lightning_watch.monitors import GradientNormMonitor, ParameterDeltaMonitor
-from lightning_watch.monitors._base import strategy_shards_parameters
+from lightning_watch.monitors.base import strategy_shards_parameters
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import read_blocks
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_watch import Watch, WatchWarning
 from lightning_watch.monitors import DeadUnitMonitor
-from lightning_watch.monitors._params import ParameterTable
+from lightning_watch.monitors.params import ParameterTable
 
 
 def loader(n: int = 64, features: int = 6):

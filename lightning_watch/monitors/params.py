@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_watch.monitors._base import WatchMonitor, strategy_shards_parameters
+from lightning_watch.monitors.base import WatchMonitor, strategy_shards_parameters
 from lightning_watch.selection import direct_parameters, owns_parameters
 from lightning_watch.stats import group_norms
 
