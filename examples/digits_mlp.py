@@ -18,6 +18,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_watch import Watch
 
@@ -33,6 +34,8 @@ class DigitsMLP(pl.LightningModule):
             nn.ReLU(),
             nn.Linear(hidden, 10),
         )
+        # torchmetrics accumulates over the whole validation set (an exact epoch accuracy, synced under DDP)
+        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -47,7 +50,8 @@ class DigitsMLP(pl.LightningModule):
         x, y = batch
         logits = self(x)
         self.log("val_loss", nn.functional.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+        self.val_acc(logits, y)
+        self.log("val_acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from lightning_watch.selection import owns_parameters  # a layer with weights fixes its own output layout
+
 #: Modules whose outputs put channels in dimension 1 (``N, C, *spatial``).
 CHANNEL_FIRST_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd,
@@ -119,17 +121,11 @@ def unit_dim(module: nn.Module, tensor: Tensor, producer: nn.Module | None = Non
     if tensor.dim() < 2:
         return -1
     layout_of = module
-    if producer is not None and not isinstance(module, CHANNEL_FIRST_TYPES) and not _owns_layout(module):
+    if producer is not None and not isinstance(module, CHANNEL_FIRST_TYPES) and not owns_parameters(module):
         layout_of = producer
     if isinstance(layout_of, CHANNEL_FIRST_TYPES) and tensor.dim() >= 3:
         return 1
     return tensor.dim() - 1
-
-
-def _owns_layout(module: nn.Module) -> bool:
-    # A module with weights (Linear, RNN, Embedding, ...) fixes its own output layout; an
-    # activation or a dropout passes its input's layout through.
-    return next(module.parameters(recurse=False), None) is not None
 
 
 def is_measurable(tensor: Tensor) -> bool:

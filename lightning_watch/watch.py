@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
 from lightning_watch.alerts import EarlyAlerts
 from lightning_watch.cadence import logging_step, steps_optimizer
+from lightning_watch.callback_keys import CachedStateKey
 from lightning_watch.hub import SnapshotListener, StatHub
 from lightning_watch.monitors import (
     ActivationScaleMonitor,
@@ -26,7 +26,7 @@ from lightning_watch.views.live import WatchViews
 from lightning_watch.writers import progress_bar_metrics
 
 
-class Watch(Callback):
+class Watch(CachedStateKey):
     """All four monitors in one callback: the recommended entry point.
 
     The monitors share the capture engine (one forward hook per module, one pass over each
@@ -135,13 +135,8 @@ class Watch(Callback):
         """The alerts raised so far (empty when alerts are off)."""
         return self.early_alerts.alerts if self.early_alerts is not None else []
 
-    @property
-    def state_key(self) -> str:
-        # Lightning reads `state_key` around every hook call (profiler names): build it once.
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = self._state_key = self._generate_state_key(monitors=[m.state_key for m in self.monitors])
-        return key
+    def _state_fields(self) -> dict[str, Any]:
+        return {"monitors": [m.state_key for m in self.monitors]}
 
     def add_listener(self, listener: SnapshotListener) -> None:
         """Call ``listener(trainer, pl_module, snapshot)`` after each publication."""

@@ -30,6 +30,8 @@ def causes_of(op) -> tuple[str, ...]:
         return ()
     names = [alias for code in op.causes for alias in (code, *CAUSE_ALIASES.get(code, ()))]
     return tuple(dict.fromkeys([*names, *EXTRA_CAUSES.get(op.name, ())]))
+
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 

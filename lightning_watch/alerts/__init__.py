@@ -40,7 +40,7 @@ _LAZY: dict[str, str] = {
     "DEFAULTS": "lightning_watch.alerts.registry",
     "Rule": "lightning_watch.alerts.rules",
     "RuleContext": "lightning_watch.alerts.rules",
-    "JSONL_NAME": "lightning_watch.alerts.sinks",
+    "JSONL_NAME": "lightning_watch.alerts.alert",
     "AlertWarning": "lightning_watch.alerts.sinks",
 }
 
@@ -65,14 +65,14 @@ __all__ = [  # every name of the table above (tests check they agree)
 ]
 
 if TYPE_CHECKING:
-    from lightning_watch.alerts.alert import CODES, SEVERITIES, Alert, AlertCode, AlertError
+    from lightning_watch.alerts.alert import CODES, JSONL_NAME, SEVERITIES, Alert, AlertCode, AlertError
     from lightning_watch.alerts.callback import EarlyAlerts
     from lightning_watch.alerts.config import ACTIONS, AlertConfig
     from lightning_watch.alerts.engine import AlertEngine, Finding
     from lightning_watch.alerts.ledger import AlertLedger
     from lightning_watch.alerts.registry import BUILTIN_RULES, DEFAULTS
     from lightning_watch.alerts.rules import Rule, RuleContext
-    from lightning_watch.alerts.sinks import JSONL_NAME, AlertWarning
+    from lightning_watch.alerts.sinks import AlertWarning
 
 
 def __getattr__(name: str) -> Any:

@@ -45,6 +45,9 @@ class AlertCode(str, Enum):
 #: every built-in code, as plain strings
 CODES: tuple[str, ...] = tuple(code.value for code in AlertCode)
 
+#: the file, in the run's log directory, that holds one JSON line per raised alert
+JSONL_NAME = "alerts.jsonl"
+
 #: severities, least to most severe
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
 

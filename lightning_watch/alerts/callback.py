@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
@@ -29,6 +28,7 @@ from lightning_watch.alerts.probes import GradientHygiene, InputProbe, OutputPro
 from lightning_watch.alerts.rules import Rule
 from lightning_watch.alerts.sinks import AlertSinks, AlertWarning
 from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
+from lightning_watch.callback_keys import CachedStateKey
 from lightning_watch.capture import is_compiled
 from lightning_watch.hub import StatHub, StatSource
 from lightning_watch.monitors import WatchMonitor
@@ -37,7 +37,7 @@ from lightning_watch.snapshot import Snapshot
 from lightning_watch.warn import WatchWarning, say
 
 
-class EarlyAlerts(Callback):
+class EarlyAlerts(CachedStateKey):
     """Tells you, early and in plain words, that training is sick, and what to try.
 
     Rules run on the statistics snapshot of each logging step (no host sync of their own); a
@@ -152,14 +152,8 @@ class EarlyAlerts(Callback):
     def disabled(self) -> set[str]:
         return self.config.disabled
 
-    @property
-    def state_key(self) -> str:
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = self._state_key = self._generate_state_key(
-                actions=self.config.actions, disabled=sorted(self.config.disabled)
-            )
-        return key
+    def _state_fields(self) -> dict[str, Any]:
+        return {"actions": self.config.actions, "disabled": sorted(self.config.disabled)}
 
     @property
     def _passive(self) -> bool:

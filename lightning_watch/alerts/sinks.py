@@ -16,7 +16,7 @@ import os
 
 import lightning.pytorch as pl
 
-from lightning_watch.alerts.alert import Alert
+from lightning_watch.alerts.alert import JSONL_NAME, Alert
 from lightning_watch.warn import say, warn_write_failed
 from lightning_watch.writers import add_text, run_log_dir
 
@@ -26,7 +26,6 @@ logger = logging.getLogger("lightning_watch.alerts")
 logger.addHandler(logging.NullHandler())
 
 #: file name of the JSON-lines record in the trainer's log directory
-JSONL_NAME = "alerts.jsonl"
 
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
+from lightning_watch.callback_keys import CachedStateKey
 from lightning_watch.capture import CapturedOutput, CaptureEngine, ModuleInfo
 from lightning_watch.hub import SnapshotListener, StatHub
 from lightning_watch.selection import ModuleSelection
@@ -37,7 +37,7 @@ def strategy_shards_parameters(trainer: pl.Trainer) -> bool:
     return "FSDP" in name or "DeepSpeed" in name or "ModelParallel" in name
 
 
-class WatchMonitor(Callback):
+class WatchMonitor(CachedStateKey):
     """Base class of the four monitors (not used directly).
 
     Args:
@@ -86,17 +86,13 @@ class WatchMonitor(Callback):
         self.state = StateRegistry()
 
     # ------------------------------------------------------------------ configuration
-    @property
-    def state_key(self) -> str:
-        # Lightning reads `state_key` around every hook call (profiler names): build it once.
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = self._state_key = self._generate_state_key(
-                include=self._selection.include,
-                exclude=self._selection.exclude,
-                types=[t.__name__ for t in self._selection.types],
-            )
-        return key
+    def _state_fields(self) -> dict[str, Any]:
+        selection = self._selection
+        return {
+            "include": selection.include,
+            "exclude": selection.exclude,
+            "types": [t.__name__ for t in selection.types],
+        }
 
     @property
     def module_names(self) -> list[str]:

@@ -22,11 +22,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
+from lightning_watch.callback_keys import CachedStateKey
 from lightning_watch.hub import SnapshotListener, StatHub
 from lightning_watch.regularize.backward import BackwardPatch
 from lightning_watch.regularize.rules import (
@@ -41,7 +41,7 @@ from lightning_watch.stats import StatBlock, StateRegistry
 from lightning_watch.warn import warn_once
 
 
-class ActivityRegularizer(Callback):
+class ActivityRegularizer(CachedStateKey):
     """Adds activity penalties (penalties on layer outputs) to the training loss of any LightningModule.
 
     Training with ``ActivityRegularizer({"encoder.fc2": {"l2": 1e-3}})`` gives the gradients
@@ -133,9 +133,8 @@ class ActivityRegularizer(Callback):
         self.state = StateRegistry()
 
     # ------------------------------------------------------------------ configuration
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(rules=[rule.name for rule in self.rules])
+    def _state_fields(self) -> dict[str, Any]:
+        return {"rules": [rule.name for rule in self.rules]}
 
     @property
     def module_names(self) -> list[str]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_watch.stats.kernels import accumulator_dtype
+
 
 @dataclass
 class StatBlock:
@@ -66,7 +68,7 @@ def read_blocks(blocks: Sequence[StatBlock], gather: Gather | None = None) -> di
     if len(set(names)) != len(names):
         raise ValueError(f"statistic names must be unique across blocks, got {names!r}")
     device = entries[0][1].device
-    dtype = torch.float32 if device.type == "mps" else torch.float64
+    dtype = accumulator_dtype(device)
     # a min is a max of negated values, so one gather and one amax serve both
     flat = [(t.detach().reshape(-1).to(device=device, dtype=dtype)) * (-1 if sign < 0 else 1) for _, t, sign in entries]
     sizes = [f.numel() for f in flat]

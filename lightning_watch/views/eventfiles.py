@@ -13,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_watch.alerts.alert import JSONL_NAME
 from lightning_watch.snapshot import parse_tag
 from lightning_watch.views.history import History
 
 EVENT_MARKER = "events.out.tfevents"
-ALERTS_NAME = "alerts.jsonl"
+ALERTS_NAME = JSONL_NAME  # written by lightning_watch/alerts/sinks.py
 
 Progress = Callable[[str], None]
 

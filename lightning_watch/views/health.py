@@ -11,9 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lightning_watch.alerts.alert import SEVERITIES, severity_rank
 from lightning_watch.views.history import History
-
-_SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
 
 #: module types folded into the row of the layer that feeds them (they have no weights of their own)
 ACTIVATIONS = frozenset(
@@ -153,7 +152,7 @@ class HealthReport:
         for rec in records:
             sev = rec.get("severity", "warning")
             key = rec.get("module")
-            if _SEVERITY_RANK.get(sev, 1) > _SEVERITY_RANK.get(worst.get(key, "ok"), -1):
+            if _rank(sev, unknown=1) > _rank(worst.get(key, "ok")):
                 worst[key] = sev
         rows = []
         for module in history.modules():
@@ -317,9 +316,14 @@ def _fold(rows: list[LayerRow]) -> list[LayerRow]:
             if row.dead_frac is not None:
                 prev.dead_frac = row.dead_frac
             prev.nonfinite += row.nonfinite
-            if _SEVERITY_RANK.get(row.status, -1) > _SEVERITY_RANK.get(prev.status, -1):
+            if _rank(row.status) > _rank(prev.status):
                 prev.status = row.status
             prev.last_step = max(prev.last_step, row.last_step)
             continue
         out.append(row)
     return out
+
+
+def _rank(severity: str, unknown: int = -1) -> int:
+    """:func:`~lightning_watch.alerts.alert.severity_rank`, with "ok" (and anything unknown) below every severity."""
+    return severity_rank(severity) if severity in SEVERITIES else unknown
