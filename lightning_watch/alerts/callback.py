@@ -238,7 +238,7 @@ class EarlyAlerts(CachedStateKey):
         """Lightning is about to backpropagate ``loss`` (both optimization modes)."""
         self.hygiene.before_backward(self._sampled)
         if not pl_module.automatic_optimization:
-            self._backward_losses.append(loss)
+            self._backward_losses.append(loss.detach())  # the value only: the graph is not kept
 
     def before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._logging:
@@ -247,7 +247,9 @@ class EarlyAlerts(CachedStateKey):
     def end_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
         if self._sampled:
             self.outputs.measure()
-        if self._warnings.seen or logging_step(trainer) + 1 >= self.config.settings["framework_warning"]["batches"]:
+        if self._warnings.listening and (
+            self._warnings.seen or logging_step(trainer) + 1 >= self.config.settings["framework_warning"]["batches"]
+        ):
             self._warnings.stop()
             found = self._warnings.alerts(self.engine.context(), _now(trainer))
             if found:

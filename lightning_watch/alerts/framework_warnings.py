@@ -39,6 +39,10 @@ class FrameworkWarnings:
         self.seen: list[tuple[str, str, str]] = []  # (category, message, where)
         self._original: Any = None
 
+    @property
+    def listening(self) -> bool:
+        return self._original is not None
+
     def listen(self) -> None:
         if self._original is not None:
             return

@@ -30,14 +30,17 @@ RING = 64
 
 
 def extract_loss(outputs: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
-    """The scalar training loss of one batch, undoing Lightning's accumulation scaling, or ``None``."""
+    """The scalar training loss of one batch, undoing Lightning's accumulation scaling, or ``None``.
+
+    It may still be attached to the graph: :meth:`LossWindow.add` reads it without keeping it (every
+    step pays for this, so no kernel is spent on a detached copy here).
+    """
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
     if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
         return None  # manual optimization may return anything, or nothing
-    loss = loss.detach().reshape(())
     if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
         # Lightning hands the loss already divided by `accumulate_grad_batches`
-        loss = loss * trainer.accumulate_grad_batches
+        loss = loss.detach() * trainer.accumulate_grad_batches
     return loss
 
 
@@ -135,6 +138,7 @@ class LossWindow:
                 self._initial.append(value)
                 self._initial_seen += 1
             return not finite
+        loss = loss.detach().reshape(())
         self._ring[self._filled].copy_(loss)
         self._filled += 1
         if self._initial_seen < INITIAL_STEPS:
