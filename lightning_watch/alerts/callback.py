@@ -213,7 +213,7 @@ class EarlyAlerts(CachedStateKey):
         self._sampled = self._cadence.is_sample_step(step)
         self._logging = self._cadence.is_log_step(step)
         self._backward_losses = []
-        if self._sampled:
+        if self._logging:  # one batch per window tells the scale of inputs and outputs: the logging one
             self.inputs.observe(batch)
             if not is_compiled(pl_module):  # new hooks would make torch.compile recompile
                 self.outputs.arm(pl_module)
@@ -245,7 +245,7 @@ class EarlyAlerts(CachedStateKey):
             self.hygiene.before_optimizer_step(optimizer)
 
     def end_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
-        if self._sampled:
+        if self._logging:
             self.outputs.measure()
         if self._warnings.listening and (
             self._warnings.seen or logging_step(trainer) + 1 >= self.config.settings["framework_warning"]["batches"]

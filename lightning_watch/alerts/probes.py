@@ -59,7 +59,7 @@ class _Probe:
 
 
 class InputProbe(_Probe):
-    """Scale of the training inputs: mean, std and max-abs of each sampled batch's first float tensor.
+    """Scale of the training inputs: mean, std and max-abs of the logging batch's first float tensor (one per window).
 
     Logged Metrics:
         ``watch/global/input_mean``, ``watch/global/input_std``, ``watch/global/input_max_abs``.
@@ -103,7 +103,7 @@ class InputProbe(_Probe):
 
 
 class OutputProbe(_Probe):
-    """The model's own output (the LightningModule's ``forward``) on sampled steps.
+    """The model's own output (the LightningModule's ``forward``) on logging steps (one batch per window).
 
     Measures what a classification head should not look like: the share of exactly-zero values
     (a ReLU on the logits), the share of rows that are probability vectors (a softmax before a
@@ -130,7 +130,7 @@ class OutputProbe(_Probe):
         """Watch this batch's forward: the output of the model, or of its last top-level child to finish.
 
         ``training_step`` may call ``self(x)`` or ``self.net(x)``; whichever of them finishes last
-        in the batch holds the model's output. Hooks exist on sampled batches only.
+        in the batch holds the model's output. Hooks exist on logging batches only.
         """
         self.disarm()
         self._handles = [m.register_forward_hook(self._hook) for m in (model, *model.children())]
@@ -146,7 +146,7 @@ class OutputProbe(_Probe):
             self._last = local_tensor(y).detach()
 
     def measure(self) -> None:
-        """Measure the output kept by the hooks (the end of a sampled batch)."""
+        """Measure the output kept by the hooks (the end of a logging batch)."""
         self.disarm()
         y, self._last = self._last, None
         if y is None or not self.state.allocated:
