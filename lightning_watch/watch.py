@@ -61,8 +61,8 @@ class Watch(CachedStateKey):
             every family is switched off.
 
     Logged Metrics:
-        The union of the four monitors' metrics (see each class): ``watch/grad_norm/<module>``,
-        ``watch/update_ratio/<module>``, ``watch/act_rms/<module>``, ``watch/dead_frac/<module>``, …
+        The union of the four monitors' metrics (see each class): ``watch.grad_norm/<NN>.<module>``,
+        ``watch.update_ratio/<NN>.<module>``, ``watch.act_rms/<NN>.<module>``, ``watch.dead_frac/<NN>.<module>``, …
 
     Example:
         >>> from lightning.pytorch import Trainer

@@ -79,8 +79,8 @@ class EarlyAlerts(CachedStateKey):
             patience that is not a positive integer.
 
     Logged Metrics:
-        - ``watch/global/loss``, ``watch/global/loss_min``, ``watch/global/loss_max``,
-          ``watch/global/loss_nonfinite``: the training loss over each logging window.
+        - ``watch.global/loss``, ``watch.global/loss_min``, ``watch.global/loss_max``,
+          ``watch.global/loss_nonfinite``: the training loss over each logging window.
         - TensorBoard text ``alerts/<code>``: one entry per raised alert.
         - ``alerts.jsonl`` in the trainer's log directory: one JSON object per raised alert.
 

@@ -58,10 +58,10 @@ class LossWindow:
         (3.0, 4.0)
 
     Logged Metrics:
-        - ``watch/global/loss``: mean of the finite training losses of the window.
-        - ``watch/global/loss_std``: their standard deviation (step-to-step noise).
-        - ``watch/global/loss_min``, ``watch/global/loss_max``: their extremes.
-        - ``watch/global/loss_nonfinite``: number of NaN/Inf losses in the window.
+        - ``watch.global/loss``: mean of the finite training losses of the window.
+        - ``watch.global/loss_std``: their standard deviation (step-to-step noise).
+        - ``watch.global/loss_min``, ``watch.global/loss_max``: their extremes.
+        - ``watch.global/loss_nonfinite``: number of NaN/Inf losses in the window.
     """
 
     GLOBAL_METRICS = ("loss", "loss_std", "loss_min", "loss_max", "loss_nonfinite")

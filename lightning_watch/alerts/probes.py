@@ -62,7 +62,7 @@ class InputProbe(_Probe):
     """Scale of the training inputs: mean, std and max-abs of the logging batch's first float tensor (one per window).
 
     Logged Metrics:
-        ``watch/global/input_mean``, ``watch/global/input_std``, ``watch/global/input_max_abs``.
+        ``watch.global/input_mean``, ``watch.global/input_std``, ``watch.global/input_max_abs``.
 
     Example:
         >>> probe = InputProbe(); probe.start(Cadence(log=1, sample=1), torch.device("cpu"))
@@ -110,7 +110,7 @@ class OutputProbe(_Probe):
     loss that applies its own), and the size of the last dimension (the number of classes).
 
     Logged Metrics:
-        ``watch/global/output_zero_frac``, ``watch/global/output_prob_rows``, ``watch/global/output_classes``.
+        ``watch.global/output_zero_frac``, ``watch.global/output_prob_rows``, ``watch.global/output_classes``.
     """
 
     def __init__(self) -> None:
@@ -182,9 +182,9 @@ class GradientHygiene(_Probe):
       (a ``.detach()`` in ``forward``, an unused layer).
 
     Logged Metrics:
-        ``watch/global/grads_not_zeroed`` (sampled backwards that started from stale gradients),
-        ``watch/global/params_without_grad`` (share of the optimizers' trainable elements without
-        a gradient), ``watch/grad_missing/<module>`` (1 for a module none of whose trainable
+        ``watch.global/grads_not_zeroed`` (sampled backwards that started from stale gradients),
+        ``watch.global/params_without_grad`` (share of the optimizers' trainable elements without
+        a gradient), ``watch.grad_missing/<NN>.<module>`` (1 for a module none of whose trainable
         parameters got a gradient).
     """
 
@@ -278,7 +278,7 @@ class UnitSymmetry(_Probe):
     function, and gradient descent keeps it so. Two small reductions per layer, no copy.
 
     Logged Metrics:
-        ``watch/unit_spread/<module>``.
+        ``watch.unit_spread/<NN>.<module>``.
     """
 
     def start(self, cadence: Cadence, device: torch.device, model: nn.Module) -> None:

@@ -57,17 +57,17 @@ class ActivationScaleMonitor(WatchMonitor):
             ``margin * (hi - lo)`` of an asymptote counts as saturated. The default 0.01 counts a
             sigmoid output below 0.01 or above 0.99 (a pre-activation beyond ±4.6).
         validation: also measure every validation batch (sanity check excluded) and log the
-            epoch's statistics as ``watch/val_<metric>/<module>`` at the end of each validation.
+            epoch's statistics as ``watch.val_<metric>/<NN>.<module>`` at the end of each validation.
         **kwargs: selection and cadence arguments of :class:`~lightning_watch.monitors.WatchMonitor`.
             Default selection: modules that register parameters, plus activation modules.
 
     Logged Metrics:
-        - ``watch/act_mean/<module>``, ``watch/act_std/<module>``, ``watch/act_rms/<module>``:
+        - ``watch.act_mean/<NN>.<module>``, ``watch.act_std/<NN>.<module>``, ``watch.act_rms/<NN>.<module>``:
           over all output elements of the window (population std).
-        - ``watch/act_max_abs/<module>``: largest absolute output value in the window.
-        - ``watch/act_nonfinite_frac/<module>``: share of NaN/Inf output values.
-        - ``watch/act_saturated_frac/<module>``: share of saturated values (bounded activations only).
-        - with ``validation=True``: the same under ``watch/val_act_*/<module>``, one point per validation run.
+        - ``watch.act_max_abs/<NN>.<module>``: largest absolute output value in the window.
+        - ``watch.act_nonfinite_frac/<NN>.<module>``: share of NaN/Inf output values.
+        - ``watch.act_saturated_frac/<NN>.<module>``: share of saturated values (bounded activations only).
+        - with ``validation=True``: the same under ``watch.val_act_*/<NN>.<module>``, one point per validation run.
 
     Example:
         >>> from lightning.pytorch import Trainer

@@ -53,9 +53,9 @@ class WatchMonitor(CachedStateKey):
         histogram_every_n_steps: interval of TensorBoard histograms; ``None`` (default) writes none.
     """
 
-    #: per-module metric names this monitor writes (``watch/<metric>/<module>``)
+    #: per-module metric names this monitor writes (``watch.<metric>/<NN>.<module>``)
     METRICS: tuple[str, ...] = ()
-    #: whole-model metric names (``watch/global/<metric>``)
+    #: whole-model metric names (``watch.global/<metric>``)
     GLOBAL_METRICS: tuple[str, ...] = ()
     #: whether the monitor needs module outputs from the capture engine
     CAPTURES_OUTPUTS = False

@@ -83,7 +83,7 @@ class DeadUnitMonitor(WatchMonitor):
             Default selection: rectifier modules and weighted layers.
 
     Logged Metrics:
-        - ``watch/dead_frac/<module>``: dead units / units, in ``[0, 1]``.
+        - ``watch.dead_frac/<NN>.<module>``: dead units / units, in ``[0, 1]``.
 
     Example:
         >>> from lightning.pytorch import Trainer

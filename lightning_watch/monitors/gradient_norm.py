@@ -27,16 +27,16 @@ class GradientNormMonitor(ParameterMonitor):
     gradient values are counted, never hidden. Work happens on logging steps only.
 
     Args:
-        per_parameter: also log one norm per parameter (``watch/grad_norm/<module>.<param>``).
+        per_parameter: also log one norm per parameter (``watch.grad_norm/<NN>.<module>.<param>``).
         **kwargs: selection and cadence arguments of :class:`~lightning_watch.monitors.WatchMonitor`.
             Default selection: every module that registers parameters itself.
 
     Logged Metrics:
-        - ``watch/grad_norm/<module>``: L2 norm of the module's own parameters' gradients.
-        - ``watch/grad_nonfinite/<module>``: number of NaN/Inf gradient values in the module.
-        - ``watch/global/grad_norm``: L2 norm over all gradients the optimizers step (pre-clip).
-        - ``watch/global/grad_norm_clipped``: the same after clipping (only when clipping is on).
-        - ``watch/global/grad_nonfinite``: number of NaN/Inf gradient values in the model.
+        - ``watch.grad_norm/<NN>.<module>``: L2 norm of the module's own parameters' gradients.
+        - ``watch.grad_nonfinite/<NN>.<module>``: number of NaN/Inf gradient values in the module.
+        - ``watch.global/grad_norm``: L2 norm over all gradients the optimizers step (pre-clip).
+        - ``watch.global/grad_norm_clipped``: the same after clipping (only when clipping is on).
+        - ``watch.global/grad_nonfinite``: number of NaN/Inf gradient values in the model.
 
     Example:
         >>> from lightning.pytorch import Trainer

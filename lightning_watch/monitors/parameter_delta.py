@@ -36,13 +36,13 @@ class ParameterDeltaMonitor(ParameterMonitor):
             Default selection: every module that registers parameters itself.
 
     Logged Metrics:
-        - ``watch/update_norm/<module>``: ‖W_after − W_before‖ over the module's own trainable parameters.
-        - ``watch/update_ratio/<module>``: ``update_norm / param_norm`` (before the step).
-        - ``watch/param_norm/<module>``: ‖W‖ before the step.
-        - ``watch/replica_spread/<module>``: under DDP only, and only when replicas differ: relative
+        - ``watch.update_norm/<NN>.<module>``: ‖W_after − W_before‖ over the module's own trainable parameters.
+        - ``watch.update_ratio/<NN>.<module>``: ``update_norm / param_norm`` (before the step).
+        - ``watch.param_norm/<NN>.<module>``: ‖W‖ before the step.
+        - ``watch.replica_spread/<NN>.<module>``: under DDP only, and only when replicas differ: relative
           spread across ranks of the module's parameter sum (raises ``replicas_out_of_sync``).
-        - ``watch/global/update_ratio``: the same ratio over all watched trainable parameters.
-        - ``watch/global/optimizer_steps``: optimizer steps taken in the logging batch (0 means
+        - ``watch.global/update_ratio``: the same ratio over all watched trainable parameters.
+        - ``watch.global/optimizer_steps``: optimizer steps taken in the logging batch (0 means
           no ``optimizer.step()`` ran: the deltas are 0 because nothing stepped).
 
     Example:

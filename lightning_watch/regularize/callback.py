@@ -95,11 +95,11 @@ class ActivityRegularizer(CachedStateKey):
             (an integer output), naming the rule and the module.
 
     Logged Metrics:
-        - ``watch/activity_penalty/<rule>``: the rule's penalty added to the loss, per training
+        - ``watch.activity_penalty/<NN>.<rule>``: the rule's penalty added to the loss, per training
           batch (before the division by ``accumulate_grad_batches``), averaged over the batches
           of the logging window and over processes.
-        - ``watch/global/activity_penalty``: the sum over rules.
-        - ``watch/activity_rms/<module>``: root mean square of each penalized module's output
+        - ``watch.global/activity_penalty``: the sum over rules.
+        - ``watch.activity_rms/<NN>.<module>``: root mean square of each penalized module's output
           (the tensor its first rule penalizes), over every training call in the window.
 
     Example:
