@@ -29,10 +29,10 @@ class FrameworkWarnings:
 
     Example:
         >>> recorder = FrameworkWarnings()
-        >>> recorder.listen()
-        >>> _ = torch.nn.functional.mse_loss(torch.zeros(3, 1), torch.zeros(3))
-        >>> recorder.stop(); [w[0] for w in recorder.seen] == ["UserWarning"] or recorder.seen == []
+        >>> recorder.listen(); recorder.listening
         True
+        >>> recorder.stop(); recorder.listening, recorder.seen
+        (False, [])
     """
 
     def __init__(self) -> None:
