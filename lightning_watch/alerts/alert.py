@@ -33,6 +33,7 @@ class AlertCode(str, Enum):
     GRADIENTS_NOT_ZEROED = "gradients_not_zeroed"
     DISCONNECTED_PARAMETERS = "disconnected_parameters"
     UNNORMALIZED_INPUTS = "unnormalized_inputs"
+    LABEL_IMBALANCE = "label_imbalance"
     NOISY_TRAINING = "noisy_training"
     CHANCE_LEVEL_LOSS = "chance_level_loss"
     RECTIFIED_OUTPUTS = "rectified_outputs"

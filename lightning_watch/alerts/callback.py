@@ -24,7 +24,7 @@ from lightning_watch.alerts.engine import AlertEngine, Finding
 from lightning_watch.alerts.framework_warnings import FrameworkWarnings
 from lightning_watch.alerts.frozen import check_frozen
 from lightning_watch.alerts.loss import LossWindow, NonFiniteGuard, extract_loss
-from lightning_watch.alerts.probes import GradientHygiene, InputProbe, OutputProbe, UnitSymmetry
+from lightning_watch.alerts.probes import GradientHygiene, InputProbe, LabelProbe, OutputProbe, UnitSymmetry
 from lightning_watch.alerts.rules import Rule
 from lightning_watch.alerts.sinks import AlertSinks, AlertWarning
 from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
@@ -109,7 +109,7 @@ class EarlyAlerts(CachedStateKey):
         self._sample_every_n_steps: int | None = None
         self.loss = LossWindow()
         # what the detectors read besides the monitors' statistics (lightning_watch/alerts/probes.py)
-        self.inputs, self.outputs = InputProbe(), OutputProbe()
+        self.inputs, self.outputs, self.labels = InputProbe(), OutputProbe(), LabelProbe()
         self.hygiene, self.symmetry = GradientHygiene(), UnitSymmetry()
         self.engine = AlertEngine(self.config, initial_loss=self.loss.current_initial_loss)
         self.stop_alert: Alert | None = None
@@ -180,7 +180,8 @@ class EarlyAlerts(CachedStateKey):
     def sources(self) -> list[StatSource]:
         """What the hub reads for this engine: the loss window, the probes (and the DDP action flags)."""
         flags = [self._flags] if self._flags is not None else []
-        return [self.loss, self.inputs, self.outputs, self.hygiene, self.symmetry, *flags]
+        # the label probe after the output probe: it reads the number of classes the outputs tell
+        return [self.loss, self.inputs, self.outputs, self.labels, self.hygiene, self.symmetry, *flags]
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The model is on its device (``on_fit_start``)."""
@@ -192,6 +193,7 @@ class EarlyAlerts(CachedStateKey):
         self.loss.start(self._cadence, device)
         self.inputs.start(self._cadence, device)
         self.outputs.start(self._cadence, device)
+        self.labels.start(self._cadence, device)
         self.hygiene.start(self._cadence, device, pl_module, trainer.optimizers)
         self.symmetry.start(self._cadence, device, pl_module)
         self._flags = ActionFlags(self._agreement, device) if self._agreeing else None
@@ -213,6 +215,8 @@ class EarlyAlerts(CachedStateKey):
         self._sampled = self._cadence.is_sample_step(step)
         self._logging = self._cadence.is_log_step(step)
         self._backward_losses = []
+        if self._sampled:
+            self.labels.observe(batch)
         if self._logging:  # one batch per window tells the scale of inputs and outputs: the logging one
             self.inputs.observe(batch)
             if not is_compiled(pl_module):  # new hooks would make torch.compile recompile

@@ -98,7 +98,7 @@ class LabelRunCheck:
         return self.seen >= self.batches
 
     def observe(self, batch: Any) -> None:
-        labels = _labels(batch)
+        labels = batch_labels(batch)
         if labels is None or self.done:
             self.seen = self.batches if labels is None else self.seen
             return
@@ -133,7 +133,7 @@ def _label_vector(y: Any) -> Tensor | None:
     return y
 
 
-def _labels(batch: Any) -> Tensor | None:
+def batch_labels(batch: Any) -> Tensor | None:
     """The integer label vector of an ``(inputs, labels, ...)`` batch, if there is one.
 
     In an ``(ids, lengths, labels)`` batch the second element holds sequence lengths (every value
@@ -230,7 +230,7 @@ def check_batch_mixing(ctx: RuleContext, at: Snapshot, pl_module: pl.LightningMo
             if (again - reference).abs().max().item() / scale > threshold:
                 return []  # stochastic even from one RNG state: its differences prove nothing
             generator = torch.Generator().manual_seed(0)
-            for dim in _batch_dims(x, reference, _labels(batch)):
+            for dim in _batch_dims(x, reference, batch_labels(batch)):
                 found = _mixing_along(x, dim, reference, scale, run, generator)
                 if found is None:
                     return []

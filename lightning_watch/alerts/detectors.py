@@ -33,6 +33,8 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "symmetric_units": {"threshold": 1e-6, "patience": 2},
     # loss standard deviation within a window above this multiple of its mean (a batch of 1-2 samples)
     "noisy_training": {"threshold": 1.0, "patience": 3},
+    # the rarest class below a fifth of a balanced share, over at least 20 labels per class
+    "label_imbalance": {"threshold": 0.2, "min_per_class": 20},
     # at the end of fit: the loss fell by more than this share over the last two windows (and is
     # still above a tenth of its initial value)
     "still_improving": {"threshold": 0.1},
@@ -144,6 +146,26 @@ def noisy_training(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
         )
 
 
+@detector("label_imbalance", requires=("label_rarest_share", "label_classes", "label_count"))
+def label_imbalance(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
+    """Some class is far rarer among the training labels than a balanced share (sampled batches)."""
+    s = ctx.settings["label_imbalance"]
+    share, classes = snapshot.get("label_rarest_share"), snapshot.get("label_classes")
+    if not snapshot.get("label_count", default=0.0) >= s["min_per_class"] * classes or not share < s["threshold"]:
+        return
+    yield ctx.alert(
+        "label_imbalance",
+        snapshot,
+        None,
+        share,
+        s["threshold"],
+        f"The rarest of the {int(classes)} classes makes up {share / classes:.1%} of the training labels seen, "
+        f"{share:.2f}x its share if the classes were balanced: the model can ignore it and still score well.",
+        "If this is not the real class balance, check how the training set was built (filtering, sampling); "
+        "otherwise weight the loss (`CrossEntropyLoss(weight=...)`) or resample (`WeightedRandomSampler`).",
+    )
+
+
 # ---------------------------------------------------------------------- outputs and loss
 @detector("chance_level_loss", requires=("loss", "output_classes"))
 def chance_level_loss(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
@@ -253,6 +275,7 @@ DETECTORS: tuple[Rule, ...] = (
     gradients_not_zeroed,
     disconnected_parameters,
     unnormalized_inputs,
+    label_imbalance,
     noisy_training,
     chance_level_loss,
     rectified_outputs,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_watch.alerts.checks import batch_labels
 from lightning_watch.cadence import Cadence
 from lightning_watch.outputs import primary_tensor
 from lightning_watch.snapshot import Snapshot
@@ -100,6 +101,54 @@ class InputProbe(_Probe):
         snapshot.put("input_mean", mean)
         snapshot.put("input_std", max(squares / count - mean * mean, 0.0) ** 0.5)
         snapshot.put("input_max_abs", self._values(values, "high")[0])
+
+
+class LabelProbe(_Probe):
+    """How often each class appears among the training labels (sampled batches, the whole fit).
+
+    Labels are counted on the device (``index_add_``, no sync) into :data:`MAX_CLASSES` bins; the
+    counts are not reset between windows, so the histogram covers every sampled batch of the fit.
+
+    Logged Metrics:
+        ``watch.global/label_rarest_share`` (the rarest class's share of the labels over its share if
+        all classes were equally frequent; 1 is balanced), ``watch.global/label_classes``,
+        ``watch.global/label_count``.
+    """
+
+    MAX_CLASSES = 1024
+
+    def start(self, cadence: Cadence, device: torch.device) -> None:
+        self.cadence = cadence
+        self.state.clear()
+        self.state.declare("counts", (self.MAX_CLASSES,), reduce="sum")
+        self.state.allocate(device)
+
+    def observe(self, batch: Any) -> None:
+        y = batch_labels(batch)
+        if y is None or not self.state.allocated or y.dim() != 1 or y.is_floating_point():
+            return
+        y = local_tensor(y).detach()
+        counts = self.state["counts"]
+        if y.device != counts.device:
+            return
+        counts.index_add_(0, y.clamp(0, self.MAX_CLASSES - 1), torch.ones_like(y, dtype=counts.dtype))
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        counts = self._values(values, "counts")
+        if not counts:
+            return
+        classes = int(snapshot.get("output_classes", default=0.0)) or 1 + max(
+            (i for i, c in enumerate(counts) if c > 0), default=-1
+        )
+        total = sum(counts[:classes])
+        if classes < 2 or classes >= self.MAX_CLASSES or not total:
+            return
+        snapshot.put("label_rarest_share", min(counts[:classes]) / total * classes)
+        snapshot.put("label_classes", float(classes))
+        snapshot.put("label_count", total)
+
+    def reset(self) -> None:
+        pass  # the histogram covers the whole fit
 
 
 class OutputProbe(_Probe):

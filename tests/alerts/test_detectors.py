@@ -219,3 +219,16 @@ def test_a_fit_shorter_than_its_logging_interval_is_still_judged(tmp_path):
     assert watch.last_snapshot is not None and watch.last_snapshot.final and watch.last_snapshot.step == 29
     loss = read_scalars(trainer.log_dir)["watch/global/loss"]
     assert [step for step, _ in loss] == [29] and math.isfinite(loss[0][1])
+
+
+def test_classes_that_are_nearly_absent_are_label_imbalance(tmp_path):
+    data = blobs(n=1024)
+    x, y = data.tensors
+    keep = (y < CLASSES // 2) | (torch.arange(len(y)) % 20 == 0)  # the upper half keeps 5 % of its samples
+    sick, _ = codes(tmp_path / "sick", Classifier(), TensorDataset(x[keep], y[keep]), steps=100, every=20)
+    alert = sick["label_imbalance"]
+    counts = torch.bincount(y[keep], minlength=CLASSES).double()
+    expected = (counts.min() / counts.sum() * CLASSES).item()  # the whole data set's; batches sample it
+    assert alert.value == pytest.approx(expected, rel=0.5) and alert.value < 0.2
+    healthy, _ = codes(tmp_path / "healthy", Classifier(), data, steps=100, every=20)
+    assert "label_imbalance" not in healthy
