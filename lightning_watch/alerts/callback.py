@@ -25,6 +25,7 @@ from lightning_watch.alerts.framework_warnings import FrameworkWarnings
 from lightning_watch.alerts.frozen import check_frozen
 from lightning_watch.alerts.loss import LossWindow, NonFiniteGuard, extract_loss
 from lightning_watch.alerts.probes import GradientHygiene, InputProbe, LabelProbe, OutputProbe, UnitSymmetry
+from lightning_watch.alerts.registry import BUILTIN_RULES, required_metrics
 from lightning_watch.alerts.rules import Rule
 from lightning_watch.alerts.sinks import AlertSinks, AlertWarning
 from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
@@ -191,11 +192,19 @@ class EarlyAlerts(CachedStateKey):
             self._load(pending)  # before the loss window allocates: it applies its part then
         device = pl_module.device
         self.loss.start(self._cadence, device)
-        self.inputs.start(self._cadence, device)
-        self.outputs.start(self._cadence, device)
-        self.labels.start(self._cadence, device)
-        self.hygiene.start(self._cadence, device, pl_module, trainer.optimizers)
-        self.symmetry.start(self._cadence, device, pl_module)
+        # a probe runs only if an enabled detector reads what it measures (the rules declare `requires`)
+        needed = required_metrics((*BUILTIN_RULES, *self.config.rules), self.config.disabled)
+        starts = {
+            self.inputs: lambda: self.inputs.start(self._cadence, device),
+            self.outputs: lambda: self.outputs.start(self._cadence, device),
+            self.labels: lambda: self.labels.start(self._cadence, device),
+            self.hygiene: lambda: self.hygiene.start(self._cadence, device, pl_module, trainer.optimizers),
+            self.symmetry: lambda: self.symmetry.start(self._cadence, device, pl_module),
+        }
+        for probe, start in starts.items():
+            probe.state.clear()  # not allocated: a probe that does not start measures nothing
+            if needed & set(probe.PRODUCES):
+                start()
         self._flags = ActionFlags(self._agreement, device) if self._agreeing else None
 
     def train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

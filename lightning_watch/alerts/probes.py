@@ -41,6 +41,8 @@ class _Probe:
     """Common parts: a key unique in the read, a cadence, declared accumulators."""
 
     cadence: Cadence | None = None
+    #: the snapshot metrics this probe produces: it runs only when an enabled detector requires one
+    PRODUCES: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.key = f"{type(self).__name__}@{id(self):x}"
@@ -73,6 +75,8 @@ class InputProbe(_Probe):
         >>> snap.get("input_mean"), snap.get("input_std")
         (255.0, 0.0)
     """
+
+    PRODUCES = ("input_mean", "input_std", "input_max_abs")
 
     def start(self, cadence: Cadence, device: torch.device) -> None:
         self.cadence = cadence
@@ -114,6 +118,8 @@ class LabelProbe(_Probe):
         all classes were equally frequent; 1 is balanced), ``watch.global/label_classes``,
         ``watch.global/label_count``.
     """
+
+    PRODUCES = ("label_rarest_share", "label_classes", "label_count")
 
     MAX_CLASSES = 1024
 
@@ -162,6 +168,8 @@ class OutputProbe(_Probe):
         ``watch.global/output_zero_frac``, ``watch.global/output_prob_rows``, ``watch.global/output_classes``.
     """
 
+    PRODUCES = ("output_zero_frac", "output_prob_rows", "output_classes")
+
     def __init__(self) -> None:
         super().__init__()
         self._handles: list[RemovableHandle] = []
@@ -182,7 +190,8 @@ class OutputProbe(_Probe):
         in the batch holds the model's output. Hooks exist on logging batches only.
         """
         self.disarm()
-        self._handles = [m.register_forward_hook(self._hook) for m in (model, *model.children())]
+        if self.state.allocated:
+            self._handles = [m.register_forward_hook(self._hook) for m in (model, *model.children())]
 
     def disarm(self) -> None:
         for handle in self._handles:
@@ -236,6 +245,8 @@ class GradientHygiene(_Probe):
         a gradient), ``watch.grad_missing/<NN>.<module>`` (1 for a module none of whose trainable
         parameters got a gradient).
     """
+
+    PRODUCES = ("grads_not_zeroed", "params_without_grad", "grad_missing")
 
     def __init__(self) -> None:
         super().__init__()
@@ -329,6 +340,8 @@ class UnitSymmetry(_Probe):
     Logged Metrics:
         ``watch.unit_spread/<NN>.<module>``.
     """
+
+    PRODUCES = ("unit_spread",)
 
     def start(self, cadence: Cadence, device: torch.device, model: nn.Module) -> None:
         self.cadence = cadence

@@ -23,6 +23,18 @@ DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
-def requirements(rule: Rule) -> tuple[str, ...]:
-    """The metric names ``rule`` reads (``requires``); empty when it does not say."""
-    return tuple(getattr(rule, "requires", ()))
+def required_metrics(rules: tuple[Rule, ...], disabled: set[str]) -> set[str]:
+    """The metrics the rules with an enabled code read (their ``requires``): what probes must measure.
+
+    Example:
+        >>> "input_mean" in required_metrics(BUILTIN_RULES, set())
+        True
+        >>> "input_mean" in required_metrics(BUILTIN_RULES, {"unnormalized_inputs"})
+        False
+    """
+    return {
+        metric
+        for rule in rules
+        if any(code not in disabled for code in getattr(rule, "codes", ()))
+        for metric in getattr(rule, "requires", ())
+    }

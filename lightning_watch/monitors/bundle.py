@@ -41,9 +41,6 @@ class MonitorBundle:
         self._busy: list[WatchMonitor] = []
         self._sample_intervals: set[int] = set()  # distinct sampling intervals (sampling includes logging)
 
-    def families(self) -> set[type[WatchMonitor]]:
-        return {type(m) for m in self.monitors}
-
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for monitor in self.monitors:
             monitor.prepare(trainer, pl_module)
@@ -84,12 +81,6 @@ class MonitorBundle:
             monitor.end_batch(trainer, pl_module, stepped, step)
         if stepped:
             self._busy = []
-
-    def metrics(self) -> tuple[list[str], list[str]]:
-        """Per-module and global metric names of every monitor (for the TensorBoard layout)."""
-        per_module = [m for monitor in self.monitors for m in monitor.METRICS]
-        global_ = [m for monitor in self.monitors for m in monitor.GLOBAL_METRICS]
-        return per_module, global_
 
     def floor_notice(self, callback: str) -> str | None:
         return next(filter(None, (m.cadence.floor_notice(callback) for m in self.monitors if m.cadence)), None)

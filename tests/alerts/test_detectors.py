@@ -232,3 +232,11 @@ def test_classes_that_are_nearly_absent_are_label_imbalance(tmp_path):
     assert alert.value == pytest.approx(expected, rel=0.5) and alert.value < 0.2
     healthy, _ = codes(tmp_path / "healthy", Classifier(), data, steps=100, every=20)
     assert "label_imbalance" not in healthy
+
+
+def test_a_probe_runs_only_for_enabled_detectors_that_require_it(tmp_path):
+    _, on = codes(tmp_path / "on", Classifier(), steps=20)
+    _, off = codes(tmp_path / "off", Classifier(), steps=20, settings={"unnormalized_inputs": False})
+    assert "watch/global/input_mean" in read_scalars(on.log_dir)
+    logged = read_scalars(off.log_dir)
+    assert "watch/global/input_mean" not in logged and "watch/global/loss" in logged  # the rest still runs
