@@ -20,7 +20,7 @@ ALARM = ("warning", "error")
 #: names the operators used before the detectors existed -> the codes lightning_watch raises, and codes
 #: that also name an operator's cause. Scoring only: editing operators.py would invalidate the cached
 #: ground truth, which does not depend on what counts as a cause.
-CAUSE_ALIASES = {"loss_at_chance": ("chance_level_loss",), "frozen_layers": ("frozen_parameters",)}  # label_imbalance: same name
+CAUSE_ALIASES = {"loss_at_chance": ("chance_level_loss",), "frozen_layers": ("frozen_parameters",)}
 EXTRA_CAUSES = {"relu_logits": ("rectified_outputs",), "softmax_logits": ("chance_level_loss",)}
 
 
