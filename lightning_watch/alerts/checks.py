@@ -9,7 +9,7 @@ share the rules' settings and alert format.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -172,14 +172,15 @@ def _inputs(batch: Any) -> Tensor | None:
     return None
 
 
-def _first_tensor(output: Any) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        for item in output:
-            found = _first_tensor(item)
+def first_tensor(obj: Any, keep: Callable[[Tensor], bool] = lambda t: True) -> Tensor | None:
+    """The first tensor in ``obj`` (tensors, tuples, lists, dicts, depth first) that ``keep`` accepts."""
+    if isinstance(obj, Tensor):
+        return obj if keep(obj) else None
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            found = first_tensor(item, keep)
             if found is not None:
                 return found
     return None
@@ -216,7 +217,7 @@ def check_batch_mixing(ctx: RuleContext, at: Snapshot, pl_module: pl.LightningMo
 
             def run(inputs: Tensor) -> Tensor | None:
                 _set_rng_state(x.device, rng)
-                return _first_tensor(pl_module(inputs))
+                return first_tensor(pl_module(inputs))
 
             reference = run(x)
             if reference is None or reference.dim() == 0 or not reference.is_floating_point():

@@ -22,12 +22,10 @@ from typing import Any
 from lightning_watch.alerts.alert import Alert
 from lightning_watch.alerts.config import AlertConfig
 from lightning_watch.alerts.ledger import AlertLedger
-from lightning_watch.alerts.registry import BUILTIN_RULES
+from lightning_watch.alerts.registry import BUILTIN_RULES, run_rules
 from lightning_watch.alerts.rules import RuleContext
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.warn import warn_once
-
-_NON_FINITE = frozenset({"non_finite_loss", "non_finite_gradients"})
 
 
 @dataclass
@@ -85,28 +83,14 @@ class AlertEngine:
         rejudged = final and bool(self.history) and self.history[-1].step == snapshot.step
         if rejudged:
             self.history.pop()  # the rules see the history before this step, as when it was first judged
-        ctx = self.context(final)
-        disabled = self.config.disabled
+        rules = [r for r in (*BUILTIN_RULES, *self.config.rules) if not rejudged or getattr(r, "at_end", False)]
         found: list[Alert] = []
         shared: set[int] = set()
         covered: set[str] = set()
-        # once values are NaN/Inf every other statistic is garbage (a NaN gradient row looks "dead")
-        broken = snapshot.get("loss_nonfinite", default=0.0) > 0 or snapshot.get("grad_nonfinite", default=0.0) > 0
-        for rule in (*BUILTIN_RULES, *self.config.rules):
-            if rejudged and not getattr(rule, "at_end", False):
-                continue
-            builtin = rule in BUILTIN_RULES
-            codes = [c for c in getattr(rule, "codes", ()) if c not in disabled]
-            if builtin and (not codes or (broken and not set(codes) & _NON_FINITE)):
-                continue
-            try:
-                produced = [a for a in rule(snapshot, ctx) if a.code not in disabled]
-            except Exception as err:  # a broken rule must not break training
-                warn_once(("alert-rule", id(rule)), f"Alert rule {rule!r} failed and is skipped: {err!r}")
-                continue
+        for rule, codes, produced in run_rules(rules, snapshot, self.context(final), self.config.disabled, _warn):
             covered.update(codes)
             found += produced
-            if builtin:
+            if rule in BUILTIN_RULES:
                 # the same reduced snapshot and the same rule state on every rank: every rank
                 # makes the same finding and may act on it now
                 shared.update(id(a) for a in produced)
@@ -137,3 +121,7 @@ class AlertEngine:
         self.history.clear()
         self.history.extend(Snapshot(**s) for s in state.get("history", []))
         self.forward_order = list(state.get("forward_order", []))
+
+
+def _warn(rule: object, err: Exception) -> None:
+    warn_once(("alert-rule", id(rule)), f"Alert rule {rule!r} failed and is skipped: {err!r}")

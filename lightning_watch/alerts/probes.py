@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_watch.alerts.checks import batch_labels
+from lightning_watch.alerts.checks import batch_labels, first_tensor
 from lightning_watch.cadence import Cadence
 from lightning_watch.outputs import primary_tensor
 from lightning_watch.snapshot import Snapshot
@@ -24,17 +24,8 @@ from lightning_watch.stats.kernels import local_tensor, reduction_dtype, sum_of_
 
 
 def first_float_tensor(batch: Any) -> Tensor | None:
-    """The first floating-point tensor of a batch (tensors, tuples, lists, dicts), else ``None``."""
-    if isinstance(batch, Tensor):
-        return batch if batch.is_floating_point() and batch.numel() else None
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (tuple, list)):
-        for item in batch:
-            found = first_float_tensor(item)
-            if found is not None:
-                return found
-    return None
+    """The first non-empty floating-point tensor of a batch (tensors, tuples, lists, dicts), else ``None``."""
+    return first_tensor(batch, keep=lambda t: t.is_floating_point() and t.numel() > 0)
 
 
 class _Probe:

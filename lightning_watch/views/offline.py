@@ -13,8 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_watch.alerts.alert import SEVERITIES, Alert
-from lightning_watch.alerts.registry import BUILTIN_RULES, DEFAULTS
+from lightning_watch.alerts.alert import SEVERITIES
+from lightning_watch.alerts.registry import BUILTIN_RULES, DEFAULTS, run_rules
 from lightning_watch.alerts.rules import RuleContext
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.views.eventfiles import parse_tag
@@ -24,7 +24,6 @@ HISTORY = 64
 #: codes whose rule needs what the event file does not hold: the loss of the first few steps
 #: (the live engine averages them; the logged window means start later)
 NOT_OFFLINE: frozenset[str] = frozenset({"loss_plateau"})
-_NON_FINITE = frozenset({"non_finite_loss", "non_finite_gradients"})
 
 
 @dataclass
@@ -105,18 +104,9 @@ def rediagnose(scalars: dict[str, list[tuple[int, float]]]) -> OfflineDiagnosis:
     )
     found: dict[tuple[str, str | None], dict[str, Any]] = {}
     for snap in snapshots:
-        # once values are NaN/Inf every other statistic is garbage (the live engine skips them too)
-        broken = snap.get("loss_nonfinite", default=0.0) > 0 or snap.get("grad_nonfinite", default=0.0) > 0
-        for rule in rules:
-            if broken and not set(getattr(rule, "codes", ())) & _NON_FINITE:
-                continue
-            try:
-                produced: list[Alert] = list(rule(snap, ctx))
-            except Exception:  # a rule tripping on partial logs must not stop the report
-                continue
+        # the live engine's loop (a rule tripping on partial logs is skipped, not the report)
+        for _, _, produced in run_rules(rules, snap, ctx, disabled=NOT_OFFLINE):
             for alert in produced:
-                if alert.code in NOT_OFFLINE:
-                    continue
                 record = found.get(alert.key)
                 if record is None:
                     record = found[alert.key] = {**alert.to_dict(), "source": "offline", "steps": 0}
