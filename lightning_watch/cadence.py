@@ -8,6 +8,7 @@ continue where they stopped after a checkpoint resume.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -26,6 +27,23 @@ def check_interval(name: str, value: int | None, allow_none: bool = True) -> int
 def logging_step(trainer: pl.Trainer) -> int:
     """The step Lightning logs the current training batch at."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+#: a step no cadence ever reaches: "nothing is due again in this fit"
+NEVER = 2**62
+
+
+def next_due(step: int, intervals: Iterable[int]) -> int:
+    """The first step ``t >= step`` with ``(t + 1)`` a multiple of one of ``intervals`` (:data:`NEVER` if none).
+
+    The per-step fast path compares the current step with this once, instead of asking every
+    monitor whether it is due.
+
+    Example:
+        >>> next_due(0, [10, 50]), next_due(10, [10, 50]), next_due(49, [10, 50]), next_due(3, [])
+        (9, 19, 49, 4611686018427387904)
+    """
+    return min((((step + i) // i) * i - 1 for i in intervals), default=NEVER)
 
 
 def steps_optimizer(trainer: pl.Trainer) -> bool:
@@ -102,3 +120,17 @@ class Cadence:
 
     def is_histogram_step(self, step: int) -> bool:
         return self.histogram is not None and (step + 1) % self.histogram == 0
+
+    @property
+    def write_intervals(self) -> tuple[int, ...]:
+        """The intervals of the steps that read or write: logging and histogram steps."""
+        return (self.log,) if self.histogram is None else (self.log, self.histogram)
+
+    @property
+    def sample_intervals(self) -> tuple[int, ...]:
+        """The intervals of every step that measures anything (sampled steps include the others)."""
+        return (self.sample, *self.write_intervals)
+
+    def next_sample_step(self, step: int) -> int:
+        """The first step ``>= step`` that is sampled (logging and histogram steps included)."""
+        return next_due(step, self.sample_intervals)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import lightning.pytorch as pl
 from torch import Tensor
 
-from lightning_watch.cadence import Cadence, logging_step
+from lightning_watch.cadence import Cadence, logging_step, next_due
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, read_blocks
 from lightning_watch.writers import add_histograms, log_scalars
@@ -98,8 +98,9 @@ class StatHub:
         self._trainer_ref = weakref.ref(trainer)
         self._members: dict[Any, list[StatSource]] = {}
         self._listeners: list[SnapshotListener] = []
-        self._reported: set[int] = set()  # ids of members that ended the current batch
-        self._intervals: set[tuple[int, int | None]] | None = None  # (log, histogram) of the sources
+        self._reported: set[int] = set()  # ids of members that ended the batch of step `_reported_at`
+        self._reported_at = -1
+        self._intervals: set[int] | None = None  # logging and histogram intervals of the sources
         self.last_snapshot: Snapshot | None = None
         self._flushed_at: int | None = None
 
@@ -151,6 +152,10 @@ class StatHub:
         """
         if member not in self._members:
             return None
+        step = logging_step(trainer)
+        if step != self._reported_at:  # a member on its fast path reports only steps where something is due
+            self._reported.clear()
+            self._reported_at = step
         self._reported.add(id(member))
         if len(self._reported) < len(self._members):
             return None
@@ -204,12 +209,18 @@ class StatHub:
             listener(trainer, pl_module, snapshot)
         return snapshot
 
-    def _anything_due(self, step: int) -> bool:
+    def next_due(self, step: int) -> int:
+        """The first step ``>= step`` at which some source is read or writes histograms.
+
+        A member may skip :meth:`batch_end` on the steps before it: nothing would be published.
+        """
         if self._intervals is None:
             cadences = [s.cadence for s in self.sources() if s.cadence is not None]
-            self._intervals = {(c.log, c.histogram) for c in cadences}
-        n = step + 1
-        return any(n % log == 0 or (hist is not None and n % hist == 0) for log, hist in self._intervals)
+            self._intervals = {interval for c in cadences for interval in c.write_intervals}
+        return next_due(step, self._intervals)
+
+    def _anything_due(self, step: int) -> bool:
+        return self.next_due(step) == step
 
     def publish(
         self,

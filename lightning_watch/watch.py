@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
 from lightning_watch.alerts import EarlyAlerts
-from lightning_watch.cadence import logging_step, steps_optimizer
+from lightning_watch.cadence import NEVER, logging_step, steps_optimizer
 from lightning_watch.callback_keys import CachedStateKey
 from lightning_watch.hub import SnapshotListener, StatHub
 from lightning_watch.monitors import (
@@ -109,6 +109,9 @@ class Watch(CachedStateKey):
         self._bundle = MonitorBundle(monitors)
         self._listeners: list[SnapshotListener] = []
         self._busy = False  # whether any monitor works on the current batch
+        self._plain = False  # whether the current batch is before `_quiet_until`: nothing to do but the loss
+        self._quiet_until = 0  # the first step at which anything is due (see `on_train_batch_start`)
+        self._manual = False  # manual optimization
         self._shown: int | None = None  # alert count in the progress bar
         # end-of-fit health report and TensorBoard pictures (lightning_watch/views/)
         self.views = WatchViews(report=report, pictures=pictures, final_pictures=final_pictures)
@@ -170,6 +173,9 @@ class Watch(CachedStateKey):
             self.early_alerts.start(trainer, pl_module)
             sources += self.early_alerts.sources()
         StatHub.for_trainer(trainer).join(self, sources)
+        self._quiet_until = 0  # the first batch runs the one-time checks
+        self._plain = False
+        self._manual = not pl_module.automatic_optimization
         notice = self._bundle.floor_notice("Watch")
         if notice:
             rank_zero_info(notice)
@@ -209,10 +215,17 @@ class Watch(CachedStateKey):
     def _on_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: Snapshot) -> None:
         self._last_snapshot = snapshot
 
-    # ------------------------------------------------------------------ the batch (fast path: nothing due)
+    # ------------------------------------------------------------------ the batch
+    # The fast path: `_quiet_until` is the first step at which any monitor, probe, one-time check or
+    # the hub has work. A batch before it costs one comparison in `on_train_batch_start`, and its
+    # other hooks return at once, except the loss: it joins its window on every batch (no kernel on
+    # the CPU, one on an accelerator, never a host sync).
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._plain = trainer.fit_loop.epoch_loop._batches_that_stepped < self._quiet_until
+        if self._plain:
+            return
         if self.early_alerts is not None:  # first: its one-time checks run before any hook is armed
             self.early_alerts.begin_batch(trainer, pl_module, batch)
         self._busy = self._bundle.begin_batch(logging_step(trainer))
@@ -220,25 +233,45 @@ class Watch(CachedStateKey):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        if self._plain:
+            return
         if self.early_alerts is not None:
             self.early_alerts.before_optimizer_step(trainer, pl_module, optimizer)
         if self._busy:
             self._bundle.before_optimizer_step(trainer, pl_module, optimizer, logging_step(trainer))
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
-        if self.early_alerts is not None:
-            self.early_alerts.before_backward(trainer, pl_module, loss)
+        alerts = self.early_alerts
+        if alerts is None:
+            return
+        if not self._plain:
+            alerts.before_backward(trainer, pl_module, loss)
+        elif self._manual:  # the loss of a manual `training_step` that returns nothing
+            alerts.record_backward(loss)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.early_alerts is not None:  # first: the loss joins this step's read
-            self.early_alerts.end_batch(trainer, pl_module, outputs)
+        alerts = self.early_alerts
+        if self._plain:
+            if alerts is not None and alerts.record_loss(trainer, pl_module, outputs):
+                self._show_health(trainer, pl_module)  # a non-finite loss was just raised
+            return
+        if alerts is not None:  # first: the loss joins this step's read
+            alerts.end_batch(trainer, pl_module, outputs)
         stepped = steps_optimizer(trainer)
+        step = logging_step(trainer)
         if self._busy:
-            self._bundle.end_batch(trainer, pl_module, stepped, logging_step(trainer))
+            self._bundle.end_batch(trainer, pl_module, stepped, step)
         if stepped:
-            StatHub.for_trainer(trainer).batch_end(self, trainer, pl_module)
+            hub = StatHub.for_trainer(trainer)
+            hub.batch_end(self, trainer, pl_module)
+            following = step + 1
+            self._quiet_until = min(
+                self._bundle.next_busy(following),
+                hub.next_due(following),
+                alerts.next_busy(following) if alerts is not None else NEVER,
+            )
         self._show_health(trainer, pl_module)
 
     def _show_health(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

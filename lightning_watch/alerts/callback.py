@@ -23,12 +23,12 @@ from lightning_watch.alerts.config import AlertConfig
 from lightning_watch.alerts.engine import AlertEngine, Finding
 from lightning_watch.alerts.framework_warnings import FrameworkWarnings
 from lightning_watch.alerts.frozen import check_frozen
-from lightning_watch.alerts.loss import LossWindow, NonFiniteGuard, extract_loss
+from lightning_watch.alerts.loss import LossWindow, extract_loss
 from lightning_watch.alerts.probes import GradientHygiene, InputProbe, LabelProbe, OutputProbe, UnitSymmetry
 from lightning_watch.alerts.registry import BUILTIN_RULES, required_metrics
 from lightning_watch.alerts.rules import Rule
 from lightning_watch.alerts.sinks import AlertSinks, AlertWarning
-from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
+from lightning_watch.cadence import NEVER, Cadence, check_interval, logging_step, steps_optimizer
 from lightning_watch.callback_keys import CachedStateKey
 from lightning_watch.capture import is_compiled
 from lightning_watch.hub import StatHub, StatSource
@@ -108,6 +108,7 @@ class EarlyAlerts(CachedStateKey):
         self.config = AlertConfig.from_args(actions, settings, rules, default_action, label_batches, history)
         self._log_every_n_steps = check_interval("log_every_n_steps", log_every_n_steps)
         self._sample_every_n_steps: int | None = None
+        self._cadence: Cadence | None = None
         self.loss = LossWindow()
         # what the detectors read besides the monitors' statistics (lightning_watch/alerts/probes.py)
         self.inputs, self.outputs, self.labels = InputProbe(), OutputProbe(), LabelProbe()
@@ -128,7 +129,6 @@ class EarlyAlerts(CachedStateKey):
         self._checked = False
         self._recorder: ForwardRecorder | None = None
         self._labels = LabelRunCheck(self.config.label_batches)
-        self._guard = NonFiniteGuard()
         self._agreement.clear()
         self._sinks = AlertSinks()
         self._warnings = FrameworkWarnings()
@@ -191,7 +191,9 @@ class EarlyAlerts(CachedStateKey):
         if pending:
             self._load(pending)  # before the loss window allocates: it applies its part then
         device = pl_module.device
-        self.loss.start(self._cadence, device)
+        # Lightning hands the loss of an accumulating batch already divided by `accumulate_grad_batches`
+        accumulating = pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1
+        self.loss.start(self._cadence, device, scale=trainer.accumulate_grad_batches if accumulating else 1.0)
         # a probe runs only if an enabled detector reads what it measures (the rules declare `requires`)
         needed = required_metrics((*BUILTIN_RULES, *self.config.rules), self.config.disabled)
         starts = {
@@ -219,18 +221,38 @@ class EarlyAlerts(CachedStateKey):
             found += check_frozen(ctx, at, pl_module)
         self._handle(trainer, self.engine.record(found))
 
+    @property
+    def _warning_batches(self) -> int:
+        """The first batches whose framework warnings become alerts."""
+        return self.config.settings["framework_warning"]["batches"]
+
+    def next_busy(self, step: int) -> int:
+        """The first step ``>= step`` at which a batch needs more than :meth:`record_loss` (and, under
+        manual optimization, :meth:`before_backward`): a sampled step, or one of the first batches,
+        which the one-time checks read. ``Watch`` skips every other hook of this engine before it."""
+        if self._cadence is None:
+            return NEVER
+        if (
+            not self._checked
+            or self._recorder is not None
+            or self._warnings.listening
+            or (step < self._warning_batches and self.config.enabled("framework_warning"))
+            or (not self._labels.done and self.config.enabled("unshuffled_data"))
+        ):
+            return step
+        return self._cadence.next_sample_step(step)
+
     def begin_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         step = logging_step(trainer)
         self._sampled = self._cadence.is_sample_step(step)
         self._logging = self._cadence.is_log_step(step)
-        self._backward_losses = []
         if self._sampled:
             self.labels.observe(batch)
         if self._logging:  # one batch per window tells the scale of inputs and outputs: the logging one
             self.inputs.observe(batch)
             if not is_compiled(pl_module):  # new hooks would make torch.compile recompile
                 self.outputs.arm(pl_module)
-        if step < self.config.settings["framework_warning"]["batches"] and self.config.enabled("framework_warning"):
+        if step < self._warning_batches and self.config.enabled("framework_warning"):
             self._warnings.listen()
         if not self._labels.done and self.config.enabled("unshuffled_data"):
             self._labels.observe(batch)
@@ -249,9 +271,14 @@ class EarlyAlerts(CachedStateKey):
 
     def before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         """Lightning is about to backpropagate ``loss`` (both optimization modes)."""
-        self.hygiene.before_backward(self._sampled)
+        if self._sampled:
+            self.hygiene.before_backward()
         if not pl_module.automatic_optimization:
-            self._backward_losses.append(loss.detach())  # the value only: the graph is not kept
+            self.record_backward(loss)
+
+    def record_backward(self, loss: Any) -> None:
+        """Keep the value of a loss a manual ``training_step`` backpropagates (the graph is not kept)."""
+        self._backward_losses.append(loss.detach())
 
     def before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._logging:
@@ -260,9 +287,7 @@ class EarlyAlerts(CachedStateKey):
     def end_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
         if self._logging:
             self.outputs.measure()
-        if self._warnings.listening and (
-            self._warnings.seen or logging_step(trainer) + 1 >= self.config.settings["framework_warning"]["batches"]
-        ):
+        if self._warnings.listening and (self._warnings.seen or logging_step(trainer) + 1 >= self._warning_batches):
             self._warnings.stop()
             found = self._warnings.alerts(self.engine.context(), _now(trainer))
             if found:
@@ -276,30 +301,40 @@ class EarlyAlerts(CachedStateKey):
                 )
                 self._handle(trainer, self.engine.record(found))
             self._recorder = None
-        loss = extract_loss(outputs, trainer, pl_module)
-        if loss is None and len(self._backward_losses) == 1:
-            # manual optimization whose `training_step` returns nothing: the one loss it backpropagated
-            # (several backwards in a batch are several objectives, a GAN's: none of them is "the" loss)
-            loss = extract_loss(self._backward_losses[0], trainer, pl_module)
-        self._backward_losses = []
-        if loss is None:
-            return
-        nonfinite = self.loss.add(loss)  # known at once for a CPU loss
-        if nonfinite is None:
-            nonfinite = self._guard.push(loss)
-        if nonfinite and self.config.enabled("non_finite_loss"):
-            alert = self.engine.context().alert(
-                "non_finite_loss",
-                _now(trainer),
-                None,
-                1.0,
-                self.config.settings["non_finite_loss"]["threshold"],
-                "The training loss became NaN or infinite.",
-                "Lower the learning rate, enable gradient clipping (`Trainer(gradient_clip_val=1.0)`), and look for "
-                "log/division of zero or an overflow in the loss.",
-                severity="error",
-            )
-            self._handle(trainer, self.engine.record([alert]))
+        self.record_loss(trainer, pl_module, outputs, fold=self._sampled or self._logging)
+
+    def record_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, fold: bool = False) -> bool:
+        """The part of a batch's end that runs on every batch: the loss is kept for its window (no
+        kernel, no read). With ``fold`` (sampled and logging steps) the kept losses join the window
+        and the non-finite check looks at them, without a host sync.
+
+        Returns whether an alert was raised (a non-finite loss).
+        """
+        loss = extract_loss(outputs)
+        backward = self._backward_losses
+        if backward:
+            if loss is None and len(backward) == 1:
+                # manual optimization whose `training_step` returns nothing: the one loss it backpropagated
+                # (several backwards in a batch are several objectives, a GAN's: none of them is "the" loss)
+                loss = extract_loss(backward[0])
+            backward.clear()
+        if loss is not None:
+            self.loss.add(loss)
+        if not (fold and self.loss.fold() and self.config.enabled("non_finite_loss")):
+            return False
+        alert = self.engine.context().alert(
+            "non_finite_loss",
+            _now(trainer),
+            None,
+            1.0,
+            self.config.settings["non_finite_loss"]["threshold"],
+            "The training loss became NaN or infinite.",
+            "Lower the learning rate, enable gradient clipping (`Trainer(gradient_clip_val=1.0)`), and look for "
+            "log/division of zero or an overflow in the loss.",
+            severity="error",
+        )
+        self._handle(trainer, self.engine.record([alert]))
+        return True
 
     def on_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: Snapshot) -> None:
         """A publication of the hub: judge it, then act on what this read agreed."""
@@ -326,7 +361,6 @@ class EarlyAlerts(CachedStateKey):
         if self._recorder is not None:
             self._recorder.remove()
             self._recorder = None
-        self._guard.clear()
         self._warnings.stop()
         self.outputs.disarm()
         self.hygiene.stop()

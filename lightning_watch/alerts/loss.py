@@ -1,11 +1,13 @@
-"""The training loss as the alert rules see it: device accumulators, one read per logging step.
+"""The training loss as the alert rules see it: window accumulators, one read per logging step.
 
-``outputs["loss"]`` of every training batch is added on the device (finite sum and count,
-non-finite count, min, max) and read with the other statistics in the hub's single read of
-the logging step. A cheap guard additionally notices a non-finite loss within a few
-steps without any host sync: on the CPU the flag is read directly (no device to wait for), on
-an accelerator it is copied asynchronously into pinned host memory and read once its CUDA event
-has completed, a step or two later.
+``outputs["loss"]`` of every training batch is *kept* (a reference: no kernel, no read), and the
+kept losses are folded into the window (finite sum and count, non-finite count, min, max) on
+sampled and logging steps with one stack and a few reductions; the window is read with the other
+statistics in the hub's single read of the logging step. Each fold also tells whether a loss was
+non-finite, without any host sync: on the CPU the folded values are read directly (no device to
+wait for), on CUDA a flag is copied asynchronously into pinned host memory and read once its event
+has completed, a fold or two later. A NaN loss is therefore told within about one sampling
+interval (at most 10 steps by default), not on the step itself.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
@@ -25,22 +26,21 @@ from lightning_watch.stats import StatBlock, StateRegistry, accumulator_dtype
 
 #: number of first training losses averaged into the "initial loss" the plateau/divergence rules compare with
 INITIAL_STEPS = 10
-#: losses kept on the device between folds into the window sums
+#: most losses kept between two folds (a long stretch without a sampled step folds on the way)
 RING = 64
 
 
-def extract_loss(outputs: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
-    """The scalar training loss of one batch, undoing Lightning's accumulation scaling, or ``None``.
+def extract_loss(outputs: Any) -> Tensor | None:
+    """The scalar training loss in a batch's ``outputs`` (a tensor, or a mapping with ``"loss"``), or ``None``.
 
-    It may still be attached to the graph: :meth:`LossWindow.add` reads it without keeping it (every
-    step pays for this, so no kernel is spent on a detached copy here).
+    It may still be attached to the graph (manual optimization): :meth:`LossWindow.add` reads it
+    without keeping it. Under gradient accumulation Lightning hands it divided by
+    ``accumulate_grad_batches``; :meth:`LossWindow.add` takes the factor that undoes this.
     """
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    # `type(...) is dict` first: Lightning's outputs are a dict, and an ABC check costs more (every batch)
+    loss = outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
     if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
         return None  # manual optimization may return anything, or nothing
-    if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
-        # Lightning hands the loss already divided by `accumulate_grad_batches`
-        loss = loss.detach() * trainer.accumulate_grad_batches
     return loss
 
 
@@ -51,7 +51,7 @@ class LossWindow:
         >>> from lightning_watch.cadence import Cadence
         >>> window = LossWindow()
         >>> window.start(Cadence(log=2, sample=1), torch.device("cpu"))
-        >>> _ = window.add(torch.tensor(2.0)), window.add(torch.tensor(4.0))
+        >>> window.add(torch.tensor(2.0)); window.add(torch.tensor(4.0))
         >>> from lightning_watch.stats import read_blocks
         >>> snap = Snapshot(step=1, epoch=0); window.finalize(read_blocks([window.collect()]), snap)
         >>> snap.get("loss"), snap.get("loss_max")
@@ -73,6 +73,10 @@ class LossWindow:
         self._initial_seen = 0
         self._provisional = math.nan
         self._on_host = True
+        self._pending: list[Tensor] = []  # losses of the batches since the last fold
+        self._scale = 1.0
+        self._dtype = torch.float64
+        self._guard = NonFiniteGuard()
         self._pending_initial: list[float] | None = None
         self.state = StateRegistry()
 
@@ -83,16 +87,20 @@ class LossWindow:
         self._provisional = math.nan
         self._pending_initial = None
 
-    def start(self, cadence: Cadence, device: torch.device) -> None:
+    def start(self, cadence: Cadence, device: torch.device, scale: float = 1.0) -> None:
         """Allocate for losses on ``device`` (fit start); a window restored from a checkpoint is applied here.
 
-        Losses on the CPU are read as Python floats (reading a CPU tensor waits for no device)
-        and kept on the host: no kernel per step. Losses on an accelerator are copied into a
-        device ring (one small kernel per step, no sync), folded into device sums when the ring
-        is full and when the window is read.
+        ``scale`` multiplies every loss (Lightning hands an accumulating batch's loss divided by
+        ``accumulate_grad_batches``). Each batch's loss tensor is only *kept* (:meth:`add`: no
+        kernel, no read); :meth:`fold` turns the kept losses into the window's accumulators on
+        sampled and logging steps, with one stack and a few reductions. On the CPU the folded
+        values are read as Python floats (reading a CPU tensor waits for no device) and summed on
+        the host; on an accelerator they are summed on the device.
         """
         self.cadence = cadence
         self._on_host = device.type == "cpu"
+        self._scale = float(scale)
+        self._pending: list[Tensor] = []
         state = self.state
         state.clear()
         # finite sum, finite count, non-finite count, finite sum of squares; then min and max of the finite losses
@@ -100,66 +108,81 @@ class LossWindow:
         state.declare("low", (1,), reduce="min", host=self._on_host)
         state.declare("high", (1,), reduce="max", host=self._on_host)
         state.allocate(device)
-        dtype = accumulator_dtype(device)
+        self._dtype = accumulator_dtype(device)
         pending, self._pending_initial = self._pending_initial or [], None
         if self._on_host:
             self._initial: list[float] | Tensor = list(pending)
             return
-        self._ring = torch.zeros(RING, dtype=dtype, device=device)
-        self._filled = 0
-        self._initial = torch.zeros(INITIAL_STEPS, dtype=dtype, device=device)
+        self._initial = torch.zeros(INITIAL_STEPS, dtype=self._dtype, device=device)
         if pending:
-            self._initial[: len(pending)].copy_(torch.tensor(pending, dtype=dtype))
+            self._initial[: len(pending)].copy_(torch.tensor(pending, dtype=self._dtype))
 
     def stop(self) -> None:
         self.cadence = None
+        self._pending = []
+        self._guard.clear()
 
-    def add(self, loss: Tensor) -> bool | None:
-        """Record one batch's loss; returns whether it is non-finite when that is known without a sync.
+    def add(self, loss: Tensor) -> None:
+        """Keep one batch's loss for the next :meth:`fold`: no kernel, no read (this runs on every batch)."""
+        if loss.requires_grad:  # a manual `training_step`'s loss: its value only, not its graph
+            loss = loss.detach()
+        pending = self._pending
+        pending.append(loss)
+        if len(pending) >= RING:  # a long stretch without a sampled step: fold on the way
+            self.fold()
 
-        CPU: a float read, no kernel (returns ``True``/``False``). Accelerators: one copy kernel,
-        no host sync (returns ``None``: :class:`NonFiniteGuard` tells later).
+    def fold(self) -> bool:
+        """Add the kept losses to the window; returns whether a non-finite loss was seen.
+
+        On the CPU the answer covers exactly the losses folded now. On CUDA it is the
+        :class:`NonFiniteGuard`'s: an earlier fold's flag, copied asynchronously to the host, so a
+        non-finite loss is told one or two folds later, never with a sync. Other accelerators
+        answer ``False`` (the logging step's ``non_finite_loss`` rule still sees it).
         """
-        if not self.state.allocated:
-            return None  # not started (a loss outside fit)
+        pending = self._pending
+        if not pending or not self.state.allocated:
+            return False
+        try:
+            losses = torch.stack(pending).reshape(-1)
+        except RuntimeError:  # mixed shapes, () and (1,), or dtypes
+            losses = torch.cat([loss.reshape(1).to(self._dtype) for loss in pending])
+        pending.clear()
         if self._on_host:
-            value = float(loss)
-            finite = math.isfinite(value)
-            sums = self.state["sums"]
-            if finite:
-                sums[0] += value
-                sums[1] += 1
-                sums[3] += value * value
-                self.state["low"][0] = min(self.state["low"][0], value)
-                self.state["high"][0] = max(self.state["high"][0], value)
-            else:
-                sums[2] += 1
-            if self._initial_seen < INITIAL_STEPS:
-                self._initial.append(value)
-                self._initial_seen += 1
-            return not finite
-        loss = loss.detach().reshape(())
-        self._ring[self._filled].copy_(loss)
-        self._filled += 1
-        if self._initial_seen < INITIAL_STEPS:
-            self._initial[self._initial_seen].copy_(loss)
-            self._initial_seen += 1
-        if self._filled == RING:
-            self._fold()
-        return None
-
-    def _fold(self) -> None:
-        if self._on_host or not self._filled:
-            return
-        losses = self._ring[: self._filled]
+            return self._fold_on_host(losses.tolist())
+        losses = losses.to(self._dtype)
+        if self._scale != 1.0:
+            losses = losses * self._scale
         finite = torch.isfinite(losses)
         count = finite.sum(dtype=losses.dtype)
         kept = torch.where(finite, losses, 0.0)
-        self.state["sums"].add_(torch.stack([kept.sum(), count, self._filled - count, kept.square().sum()]))
+        self.state["sums"].add_(torch.stack([kept.sum(), count, losses.numel() - count, kept.square().sum()]))
         low, high = self.state["low"], self.state["high"]
         torch.minimum(low, torch.where(finite, losses, math.inf).amin(), out=low)
         torch.maximum(high, torch.where(finite, losses, -math.inf).amax(), out=high)
-        self._filled = 0
+        if self._initial_seen < INITIAL_STEPS:
+            take = min(INITIAL_STEPS - self._initial_seen, losses.numel())
+            self._initial[self._initial_seen : self._initial_seen + take].copy_(losses[:take])
+            self._initial_seen += take
+        return self._guard.push(finite)
+
+    def _fold_on_host(self, values: list[float]) -> bool:
+        sums, low, high = self.state["sums"], self.state["low"], self.state["high"]
+        scale, nonfinite = self._scale, False
+        for value in values:
+            value *= scale
+            if math.isfinite(value):
+                sums[0] += value
+                sums[1] += 1
+                sums[3] += value * value
+                low[0] = min(low[0], value)
+                high[0] = max(high[0], value)
+            else:
+                sums[2] += 1
+                nonfinite = True
+            if self._initial_seen < INITIAL_STEPS:
+                self._initial.append(value)
+                self._initial_seen += 1
+        return nonfinite
 
     def _initial_sums(self) -> Tensor:
         if self._on_host:
@@ -173,7 +196,7 @@ class LossWindow:
     def collect(self) -> StatBlock:
         if not self.state.allocated:
             return StatBlock()
-        self._fold()
+        self.fold()
         block = self.state.block(self.KEY)
         block.add_sum(f"{self.KEY}.initial", self._initial_sums())
         return block
@@ -214,7 +237,7 @@ class LossWindow:
         state: dict[str, Any] = {"initial_loss": self.initial_loss, "initial_seen": self._initial_seen}
         if self.state.allocated:
             # checkpoint saving is not a hot path: one host copy of the open window
-            self._fold()
+            self.fold()
             initial = self._initial[: self._initial_seen]
             state["window"] = {
                 **self.state.state_dict(),
@@ -237,7 +260,8 @@ class NonFiniteGuard:
 
     Example:
         >>> guard = NonFiniteGuard()
-        >>> guard.push(torch.tensor(1.0)), guard.push(torch.tensor(float("nan")))
+        >>> losses = torch.tensor([1.0, float("nan")])
+        >>> guard.push(torch.isfinite(losses[:1])), guard.push(torch.isfinite(losses))
         (False, True)
     """
 
@@ -249,12 +273,13 @@ class NonFiniteGuard:
         self._pending: deque[int] = deque()  # slots whose copy is in flight, oldest first
         self._free: list[int] = []
 
-    def push(self, loss: Tensor) -> bool:
-        """Record ``loss``; return whether a non-finite loss has been seen since the last ``True``."""
-        finite = torch.isfinite(loss)
-        if loss.device.type == "cpu":
+    def push(self, finite: Tensor) -> bool:
+        """Record ``finite`` (flags of losses, any shape); return whether a non-finite loss has been seen
+        since the last ``True``."""
+        finite = finite.all()
+        if finite.device.type == "cpu":
             return not bool(finite)  # a CPU tensor: reading it waits for no device
-        if loss.device.type != "cuda":
+        if finite.device.type != "cuda":
             return False  # no cheap asynchronous read: the logging-step rule catches it
         if not self._slots:
             self._slots = [

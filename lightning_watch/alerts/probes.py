@@ -270,12 +270,16 @@ class GradientHygiene(_Probe):
     def _trainable(self) -> list[nn.Parameter]:
         return [p for opt in self._optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad]
 
-    def before_backward(self, sampled: bool) -> None:
-        """Lightning is about to backpropagate; check the previous step's gradients were zeroed."""
+    def before_backward(self) -> None:
+        """A sampled step is about to backpropagate; check the previous step's gradients were zeroed.
+
+        Called on sampled steps only: the flag set by the optimizer's step stays up across the
+        steps in between, so the first backward after any optimizer step is the one checked.
+        """
         if not self._stepped:
             return  # accumulation within a step, or the first backward: gradients may be there
         self._stepped = False
-        if not sampled or not self.state.allocated:
+        if not self.state.allocated:
             return
         grads = [p.grad for p in self._trainable() if p.grad is not None]
         if not grads:

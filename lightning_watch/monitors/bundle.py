@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.optim import Optimizer
 
+from lightning_watch.cadence import next_due
 from lightning_watch.monitors.activation_scale import ActivationScaleMonitor
 from lightning_watch.monitors.base import WatchMonitor
 from lightning_watch.monitors.dead_unit import DeadUnitMonitor
@@ -49,10 +50,12 @@ class MonitorBundle:
         for monitor in self.monitors:
             monitor.start(trainer, pl_module)
         self._busy = []
-        self._sample_intervals = {m.cadence.sample for m in self.monitors if m.cadence is not None}
-        # every interval that makes a monitor work divides into one of these only if it is one of them
-        self._sample_intervals |= {m.cadence.log for m in self.monitors if m.cadence is not None}
-        self._sample_intervals |= {m.cadence.histogram for m in self.monitors if m.cadence and m.cadence.histogram}
+        # a monitor works at a step iff one of its sampling, logging or histogram intervals divides it
+        self._sample_intervals = {i for m in self.monitors if m.cadence is not None for i in m.cadence.sample_intervals}
+
+    def next_busy(self, step: int) -> int:
+        """The first step ``>= step`` at which some monitor measures (``cadence.NEVER`` if none)."""
+        return next_due(step, self._sample_intervals)
 
     def stop(self) -> None:
         for monitor in self.monitors:
@@ -61,8 +64,7 @@ class MonitorBundle:
 
     def begin_batch(self, step: int) -> bool:
         """Arm what is due at ``step``; returns whether any monitor works on this batch."""
-        n = step + 1
-        if not any(n % interval == 0 for interval in self._sample_intervals):
+        if self.next_busy(step) != step:
             self._busy = []
             return False  # the fast path: nothing due, no per-monitor dispatch
         self._busy = [m for m in self.monitors if m.cadence is not None and m.cadence.is_sample_step(step)]

@@ -174,8 +174,10 @@ class StateRegistry:
                 continue
             current = self._values[name]
             if spec.host:
-                if current is None or len(current) == len(saved):
+                if current is None:
                     self._values[name] = list(saved)
+                elif len(current) == len(saved):
+                    current[:] = saved  # in place: a per-step fast path may hold this very list
                 continue
             restored = torch.tensor(saved, dtype=self._dtype(spec), device=self._device)
             # a checkpoint of another model layout is ignored rather than half-applied
