@@ -16,15 +16,21 @@ from torch import Tensor
 MOMENT_FIELDS = ("sum", "sum_sq", "nonfinite", "saturated")
 
 
+_DTENSOR: list[type | None] = []  # filled on first use: the DTensor class, or None
+
+
 def _dtensor_type() -> type | None:
-    # torch builds without distributed support have no DTensor; nothing can be sharded there
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch < 2.4
-        return None
-    return DTensor
+    # looked up once per process (an import statement per call costs microseconds, on every kernel)
+    if not _DTENSOR:
+        dtensor = None
+        # torch builds without distributed support have no DTensor; nothing can be sharded there
+        if torch.distributed.is_available():
+            try:
+                from torch.distributed.tensor import DTensor as dtensor
+            except ImportError:  # pragma: no cover - torch < 2.4
+                dtensor = None
+        _DTENSOR.append(dtensor)
+    return _DTENSOR[0]
 
 
 def local_tensor(x: Tensor) -> Tensor:

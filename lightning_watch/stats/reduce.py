@@ -29,17 +29,18 @@ class StatBlock:
         [2.0, 3.0]
     """
 
-    sums: dict[str, Tensor] = field(default_factory=dict)
-    maxes: dict[str, Tensor] = field(default_factory=dict)
-    mins: dict[str, Tensor] = field(default_factory=dict)
+    #: device tensors, or Python lists of numbers already on the host (counts)
+    sums: dict[str, Tensor | list] = field(default_factory=dict)
+    maxes: dict[str, Tensor | list] = field(default_factory=dict)
+    mins: dict[str, Tensor | list] = field(default_factory=dict)
 
-    def add_sum(self, name: str, tensor: Tensor) -> None:
+    def add_sum(self, name: str, tensor: Tensor | list) -> None:
         self.sums[name] = tensor
 
-    def add_max(self, name: str, tensor: Tensor) -> None:
+    def add_max(self, name: str, tensor: Tensor | list) -> None:
         self.maxes[name] = tensor
 
-    def add_min(self, name: str, tensor: Tensor) -> None:
+    def add_min(self, name: str, tensor: Tensor | list) -> None:
         self.mins[name] = tensor
 
     def __bool__(self) -> bool:
@@ -57,7 +58,7 @@ def read_blocks(blocks: Sequence[StatBlock], gather: Gather | None = None) -> di
     This is the one place where statistics cross from device to host (a sync point, by design,
     on logging steps only).
     """
-    entries: list[tuple[str, Tensor, int]] = []  # (name, tensor, sign); sign 0: sum, +1: max, -1: min
+    entries: list[tuple[str, Tensor | list, int]] = []  # (name, value, sign); sign 0: sum, +1: max, -1: min
     for block in blocks:
         entries.extend((name, t, 0) for name, t in block.sums.items())
         entries.extend((name, t, 1) for name, t in block.maxes.items())
@@ -67,32 +68,40 @@ def read_blocks(blocks: Sequence[StatBlock], gather: Gather | None = None) -> di
     names = [name for name, _, _ in entries]
     if len(set(names)) != len(names):
         raise ValueError(f"statistic names must be unique across blocks, got {names!r}")
-    device = entries[0][1].device
+    out: dict[str, float | list[float]] = {}
+    if gather is None:
+        # one process: numbers already on the host (counts kept as Python lists) need no transfer
+        for name, value, _ in entries:
+            if isinstance(value, list):
+                out[name] = [float(v) for v in value]
+        entries = [entry for entry in entries if not isinstance(entry[1], list)]
+        if not entries:
+            return out
+    device = next((t.device for _, t, _ in entries if isinstance(t, Tensor)), torch.device("cpu"))
     dtype = accumulator_dtype(device)
-    # a min is a max of negated values, so one gather and one amax serve both
-    flat = [(t.detach().reshape(-1).to(device=device, dtype=dtype)) * (-1 if sign < 0 else 1) for _, t, sign in entries]
+    flat = [
+        t.detach().reshape(-1) if isinstance(t, Tensor) else torch.tensor(t, dtype=dtype, device=device)
+        for _, t, _ in entries
+    ]
     sizes = [f.numel() for f in flat]
-    packed = torch.cat(flat)
+    signs = torch.tensor([sign for (_, _, sign), n in zip(entries, sizes) for _ in range(n)], device=device)
+    # one cat (it promotes bools and narrower floats to the accumulator dtype); a min is a max of negated
+    # values, so one gather and one amax serve both: a few kernels per read, whatever the number of entries
+    packed = torch.cat([f.to(device) for f in flat]).to(dtype)
+    packed = torch.where(signs < 0, -packed, packed)
     if gather is not None:
         gathered = gather(packed)
         if gathered.dim() == 2 and gathered.shape[0] > 1:
-            is_extreme = torch.cat(
-                [
-                    torch.full((n,), sign != 0, dtype=torch.bool, device=device)
-                    for n, (_, _, sign) in zip(sizes, entries)
-                ]
-            )
             gathered = gathered.to(device)
-            packed = torch.where(is_extreme, gathered.amax(0), gathered.sum(0))
+            packed = torch.where(signs != 0, gathered.amax(0), gathered.sum(0))
         elif gathered.dim() == 2:
             packed = gathered[0]
     values = packed.tolist()  # the host transfer: a sync point, on logging steps only
-    out: dict[str, float | list[float]] = {}
     start = 0
     for (name, tensor, sign), size in zip(entries, sizes):
         chunk = values[start : start + size]
         if sign < 0:
             chunk = [-v for v in chunk]
-        out[name] = chunk[0] if tensor.dim() == 0 else chunk
+        out[name] = chunk[0] if isinstance(tensor, Tensor) and tensor.dim() == 0 else chunk
         start += size
     return out

@@ -144,7 +144,7 @@ class StateRegistry:
         for name in names if names is not None else self._specs:
             value = self._values[name]
             if isinstance(value, list):
-                value = torch.tensor(value, dtype=accumulator_dtype(self._device), device=self._device)
+                value = list(value)  # a host list travels as it is (read_blocks moves it only to gather)
             if value is not None:
                 adders[self._specs[name].reduce](f"{prefix}.{name}", value)  # read_blocks widens bools
         return block

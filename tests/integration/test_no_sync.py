@@ -134,26 +134,28 @@ def test_watch_reads_the_device_once_per_logging_step_and_never_otherwise(tmp_pa
     assert watch.last_snapshot is not None and watch.last_snapshot.per_module["grad_norm"]
 
 
-def test_default_watch_with_alerts_reads_only_the_cpu_loss_flag_off_logging_steps(tmp_path, reads):
-    """``Watch()`` as users leave it on: the only off-step read is the CPU loss itself, once per step.
+def test_default_watch_with_alerts_reads_nothing_off_logging_steps(tmp_path, reads):
+    """``Watch()`` as users leave it on: no host read at all on a plain step, the loss included.
 
     The one-time checks of the first batch (``alerts/checks.py``) are allowed to read: they run once.
-    On the CPU the loss window reads the loss as a float (no device to wait for) and the guard needs
-    nothing more; on a GPU the loss stays on the device and the guard polls a CUDA event instead
-    (covered by the GPU test below).
+    Each batch's loss is only kept; the kept losses are folded into the window on sampled steps
+    (here every logging step: ``LOG_EVERY`` is below the default sampling floor), where the CPU
+    loss window reads them in one ``tolist`` (no device to wait for; on a GPU the fold stays on the
+    device and the guard polls a CUDA event, covered by the GPU test below).
     """
     phase, calls = reads
     torch.manual_seed(0)
-    trainer = make_trainer(
-        tmp_path, [phase, Watch(log_every_n_steps=LOG_EVERY)], max_steps=12, log_every_n_steps=LOG_EVERY
-    )
+    watch = Watch(log_every_n_steps=LOG_EVERY)
+    trainer = make_trainer(tmp_path, [phase, watch], max_steps=12, log_every_n_steps=LOG_EVERY)
     trainer.fit(Deep(), regression_loader(n=256, shuffle=True))
 
-    plain = [c for c in calls if c[0] == "plain"]
-    assert all(method == "__float__" and "loss.py" in where and "add" in where for _, method, where in plain), plain
-    assert len(plain) == phase.steps.count("plain") == 8  # one flag per step, no more
+    assert watch.monitors[0].cadence.sample == LOG_EVERY  # plain steps sample nothing
+    assert phase.steps.count("plain") == 8
+    assert [c for c in calls if c[0] == "plain"] == []
+    folds = [c for c in calls if c[0] == "log" and "loss.py" in c[2]]
+    assert folds and all(method == "tolist" and "fold" in where for _, method, where in folds), folds
     first = [c for c in calls if c[0] == "first"]
-    assert all("checks.py" in where or "add" in where for _, _, where in first), first
+    assert all("checks.py" in where or "fold" in where for _, _, where in first), first
 
 
 class CudaRegressor(Deep):
