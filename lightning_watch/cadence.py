@@ -87,6 +87,7 @@ class Cadence:
         sample_every_n_steps: int | None,
         histogram_every_n_steps: int | None = None,
         min_inherited_log: int = MIN_INHERITED_LOG_INTERVAL,
+        samples_per_window: int = 5,
     ) -> Cadence:
         inherited = max(1, int(trainer.log_every_n_steps or 1))
         log = log_every_n_steps or max(min_inherited_log, inherited)
@@ -95,10 +96,11 @@ class Cadence:
             # a dev run exists to exercise every code path on a few batches: ours included
             log = sample_every_n_steps = 1
             raised_from = None
-        # Default: five samples per logging window, so dead-unit windows see several batches while
-        # most batches run with no hook at all (measured: benchmarks/overhead.py), and never more
-        # than one batch in MIN_DEFAULT_SAMPLE_INTERVAL.
-        sample = sample_every_n_steps or max(log // 5, MIN_DEFAULT_SAMPLE_INTERVAL)
+        # Default: `samples_per_window` samples per logging window (five for dead units, whose "ever
+        # active" union needs several batches; one for activation scales, a smooth quantity), so most
+        # batches run with no hook at all (measured: benchmarks/step_cost.py), and never more than
+        # one batch in MIN_DEFAULT_SAMPLE_INTERVAL.
+        sample = sample_every_n_steps or max(log // samples_per_window, MIN_DEFAULT_SAMPLE_INTERVAL)
         return cls(log=log, sample=min(sample, log), histogram=histogram_every_n_steps, raised_from=raised_from)
 
     def floor_notice(self, callback: str) -> str | None:

@@ -131,6 +131,7 @@ class CaptureEngine:
         self._model_ref = weakref.ref(model)
         self.saturation_margin = saturation_margin
         self._subscriptions: dict[OutputSubscriber, list[ModuleInfo]] = {}
+        self._skipped: dict[OutputSubscriber, set[int]] = {}
         # module -> armed (subscriber, index) pairs; a module is hooked iff it has an entry
         self._armed: dict[nn.Module, list[tuple[OutputSubscriber, int]]] = {}
         self._handles: dict[nn.Module, RemovableHandle] = {}
@@ -170,16 +171,24 @@ class CaptureEngine:
             for name, module in named
         ]
 
-    def subscribe(self, subscriber: OutputSubscriber, named: Iterable[tuple[str, nn.Module]]) -> list[ModuleInfo]:
-        """Register ``subscriber`` for the outputs of ``named`` modules; returns their infos."""
+    def subscribe(
+        self, subscriber: OutputSubscriber, named: Iterable[tuple[str, nn.Module]], skip: Iterable[int] = ()
+    ) -> list[ModuleInfo]:
+        """Register ``subscriber`` for the outputs of ``named`` modules; returns their infos.
+
+        ``skip``: positions in ``named`` whose outputs the subscriber does not need (they keep their
+        index, and are never hooked for it).
+        """
         infos = self.describe(named)
         self._subscriptions[subscriber] = infos
+        self._skipped[subscriber] = set(skip)
         return infos
 
     def unsubscribe(self, subscriber: OutputSubscriber) -> None:
         """Forget ``subscriber``; when none remain, every hook is removed and the engine dropped."""
         self.disarm(subscriber)
         self._subscriptions.pop(subscriber, None)
+        self._skipped.pop(subscriber, None)
         if not self._subscriptions:
             for handle in self._handles.values():
                 handle.remove()
@@ -202,11 +211,18 @@ class CaptureEngine:
             )
             return
         self._last_layer = None
+        skipped = self._skipped.get(subscriber, ())
         for index, info in enumerate(self._subscriptions.get(subscriber, ())):
             if info.module in self._disabled:
                 continue
             armed = self._armed.setdefault(info.module, [])
-            armed.append((subscriber, index))
+            if index in skipped:
+                if not owns_parameters(info.module):
+                    continue
+                # not measured for this subscriber, but still hooked: its hook returns at once after
+                # noting the layer that ran, which tells the next activation its unit layout
+            else:
+                armed.append((subscriber, index))
             if info.module not in self._handles:
                 self._handles[info.module] = info.module.register_forward_hook(self._make_hook(info))
 
@@ -227,12 +243,12 @@ class CaptureEngine:
 
         def hook(module: nn.Module, args: object, output: object) -> None:
             self.hook_calls += 1
-            armed = self._armed.get(module)
-            if not armed:
-                return
             producer = self._last_layer
             if is_layer:
                 self._last_layer = module
+            armed = self._armed.get(module)
+            if not armed:
+                return
             tensor = primary_tensor(output)
             if tensor is None or not is_measurable(tensor):
                 kind = "no tensor" if tensor is None else f"a {tensor.dtype} tensor"

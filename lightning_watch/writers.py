@@ -29,6 +29,7 @@ from lightning.pytorch.loggers.logger import DummyLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
+from lightning_watch import fast_crc
 from lightning_watch.snapshot import GLOBAL_SECTION, TAG_PREFIX, ModuleOrder, Snapshot, parse_tag
 from lightning_watch.warn import warn_write_failed
 
@@ -86,6 +87,7 @@ class TensorBoardWriter(Writer):
 
     def __init__(self, logger: TensorBoardLogger) -> None:
         super().__init__(logger)
+        fast_crc.install()  # a C checksum for every event record, when a CRC32C package is installed
         self._metrics: set[str] = set()  # per-module metrics already in the layout
         self._globals: set[str] = set()
 

@@ -76,6 +76,9 @@ class ActivationScaleMonitor(WatchMonitor):
 
     METRICS = ("act_mean", "act_std", "act_rms", "act_max_abs", "act_nonfinite_frac", "act_saturated_frac")
     CAPTURES_OUTPUTS = True
+    # Scales change smoothly: one batch per logging window (its last) tells them; each sampled
+    # batch costs a few reductions per watched output (dead units need several batches, not this).
+    SAMPLES_PER_WINDOW = 1
 
     def __init__(self, saturation_margin: float = 0.01, validation: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)

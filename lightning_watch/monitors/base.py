@@ -59,6 +59,8 @@ class WatchMonitor(CachedStateKey):
     GLOBAL_METRICS: tuple[str, ...] = ()
     #: whether the monitor needs module outputs from the capture engine
     CAPTURES_OUTPUTS = False
+    #: sampled batches per logging window when ``sample_every_n_steps`` is not given (see :mod:`cadence`)
+    SAMPLES_PER_WINDOW = 5
 
     def __init__(
         self,
@@ -115,18 +117,26 @@ class WatchMonitor(CachedStateKey):
     def _default_module(self, module: nn.Module) -> bool:
         raise NotImplementedError
 
+    def _uncaptured(self) -> set[int]:
+        """Indices of watched modules whose outputs this monitor does not need (no hook on them for it)."""
+        return set()
+
     # ------------------------------------------------------------------ measuring steps (public: Watch drives them)
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Resolve the selection and the cadence, subscribe to the capture engine (``setup``)."""
         self._selection.check_types(pl_module)
         self._modules = self._selection.resolve(pl_module, self._default_module)
         self._cadence = Cadence.resolve(
-            trainer, self._log_every_n_steps, self._sample_every_n_steps, self._histogram_every_n_steps
+            trainer,
+            self._log_every_n_steps,
+            self._sample_every_n_steps,
+            self._histogram_every_n_steps,
+            samples_per_window=self.SAMPLES_PER_WINDOW,
         )
         self._device = pl_module.device
         if self.CAPTURES_OUTPUTS:
             self._engine = CaptureEngine.for_model(pl_module)
-            self._infos = self._engine.subscribe(self, self._modules)
+            self._infos = self._engine.subscribe(self, self._modules, skip=self._uncaptured())
         self.state.clear()
         self._declare_state(self.state)
         self._on_setup(trainer, pl_module)

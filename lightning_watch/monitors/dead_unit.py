@@ -131,6 +131,14 @@ class DeadUnitMonitor(WatchMonitor):
             for dim, (_, module) in zip(self._grad_dims, self._modules)
         ]
 
+    def _uncaptured(self) -> set[int]:
+        # weighted layers are judged by their gradients: their outputs need no hook
+        return {
+            index
+            for index, (_, module) in enumerate(self._modules)
+            if isinstance(module, WEIGHTED_TYPES) and _weight_unit_dim(module) is not None
+        }
+
     def consume(self, index: int, captured: CapturedOutput) -> None:
         if self._grad_dims[index] is not None:
             return  # weighted layers are judged by their gradients

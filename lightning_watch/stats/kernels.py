@@ -161,7 +161,7 @@ def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float 
     ``margin * (hi - lo)`` of either bound; without bounds the row stops before ``saturated``.
 
     The hook runs this on every watched output of a sampled batch, so it is built from as few
-    kernels as possible (eight): on a GPU each costs a launch, on a CPU a pass over memory.
+    kernels as possible (seven): on a GPU each costs a launch, on a CPU a pass over memory.
     Raw sums of squares make a standard deviation derived from them lose relative precision
     when ``|mean| / std`` is very large (about 1e-7 * (mean/std)**2 on the variance); centred
     per-call moments would avoid that but cost 20-40x more on a CPU, and monitoring does not need
@@ -179,8 +179,8 @@ def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float 
         xf = xf.to(torch.float32)
     dtype = reduction_dtype([xf])
     total = xf.sum(dtype=dtype)
-    # separate amax/amin: about 20 % faster than one aminmax on a CPU, and the same on a GPU
-    high, low = xf.amax(), xf.amin()
+    # one aminmax: one pass and one launch (measured faster than amax + amin with torch 2.13 on a CPU)
+    low, high = torch.aminmax(xf)
     parts = [total, sum_of_squares(xf, dtype), nonfinite_count(xf).to(dtype)]
     if bounds is not None:
         lo, hi = bounds
