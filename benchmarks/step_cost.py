@@ -6,6 +6,8 @@ On a GPU a step of a small model is often 2-10 ms of Python and kernel launches,
     mlp   MLP 32-64-64-10, batch 64 (bare Lightning step ~1.7 ms on 2 CPU cores)
     gpt   a small GPT-style decoder: 2 blocks, 4 heads, width 64, context 32, vocabulary 256, batch 8
           (tied embeddings, causal attention, GELU MLPs: the module zoo of a language model, launch-bound)
+    gpt-medium  the same at a size GPU users run (6 blocks, width 512, context 256, batch 16; not in
+          the default set: meant for ``--device cuda``)
 
 Method. Every run is a real ``lightning.pytorch.Trainer`` fit of ``--steps`` steps on in-memory batches
 (already on the device) with a fresh model of the same seed. One *round* runs each configuration once,
@@ -142,9 +144,21 @@ def gpt_batches(steps: int, device: str) -> list:
     return out
 
 
+def gpt_medium_batches(steps: int, device: str) -> list:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(steps):
+        seq = torch.randint(0, 8192, (16, 257), generator=g)
+        out.append((seq[:, :-1].to(device), seq[:, 1:].to(device)))
+    return out
+
+
 MODELS: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[int, str], list]]] = {
     "mlp": (TinyMLP, mlp_batches),
     "gpt": (TinyGPT, gpt_batches),
+    # a GPU-sized GPT (6 blocks, width 512, context 256, vocabulary 8192, batch 16): a step of a
+    # few milliseconds on a data-center GPU, for `--device cuda` (minutes per step on 2 CPU cores)
+    "gpt-medium": (lambda: TinyGPT(vocab=8192, context=256, width=512, heads=8, depth=6), gpt_medium_batches),
 }
 
 #: configuration name -> the callbacks it adds (None: bare Lightning)

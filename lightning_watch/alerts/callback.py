@@ -271,7 +271,7 @@ class EarlyAlerts(CachedStateKey):
 
     def before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         """Lightning is about to backpropagate ``loss`` (both optimization modes)."""
-        if self._sampled:
+        if self._logging:  # its flag is read, and judged, on logging steps: checking one backward per window suffices
             self.hygiene.before_backward()
         if not pl_module.automatic_optimization:
             self.record_backward(loss)

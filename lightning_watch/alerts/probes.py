@@ -224,14 +224,14 @@ class GradientHygiene(_Probe):
 
     - **Zeroed before backward**: after an ``optimizer.step()``, the next backward must start from
       zeroed (or ``None``) gradients, else gradients pile up across steps (a forgotten
-      ``optimizer.zero_grad()`` under manual optimization). Checked on sampled steps: ``None``
+      ``optimizer.zero_grad()`` under manual optimization). Checked on logging steps: ``None``
       gradients are known on the host for free; otherwise one fused norm, kept on the device.
     - **Every parameter gets a gradient**: at the logging step, parameters an optimizer holds
       that require a gradient but have none (``None``, or exactly zero) are cut off from the loss
       (a ``.detach()`` in ``forward``, an unused layer).
 
     Logged Metrics:
-        ``watch.global/grads_not_zeroed`` (sampled backwards that started from stale gradients),
+        ``watch.global/grads_not_zeroed`` (1 when a logging step's backward started from stale gradients),
         ``watch.global/params_without_grad`` (share of the optimizers' trainable elements without
         a gradient), ``watch.grad_missing/<NN>.<module>`` (1 for a module none of whose trainable
         parameters got a gradient).
@@ -271,10 +271,11 @@ class GradientHygiene(_Probe):
         return [p for opt in self._optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad]
 
     def before_backward(self) -> None:
-        """A sampled step is about to backpropagate; check the previous step's gradients were zeroed.
+        """A logging step is about to backpropagate; check the previous step's gradients were zeroed.
 
-        Called on sampled steps only: the flag set by the optimizer's step stays up across the
-        steps in between, so the first backward after any optimizer step is the one checked.
+        Called on logging steps only (the flag is judged there): the flag set by the optimizer's
+        step stays up across the steps in between, so the first backward after an optimizer step
+        is the one checked.
         """
         if not self._stepped:
             return  # accumulation within a step, or the first backward: gradients may be there

@@ -57,7 +57,12 @@ class GradientNormMonitor(ParameterMonitor):
 
     def _on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._clipping = bool(trainer.gradient_clip_val) and pl_module.automatic_optimization
-        self._post_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+        # the post-step hook reads clipped norms: without clipping it would only cost every step a call
+        self._post_hooks = (
+            [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+            if self._clipping
+            else []
+        )
         self._reset_buffers()
         self._trainer = trainer
 

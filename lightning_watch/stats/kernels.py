@@ -240,9 +240,9 @@ def grad_rows_alive(grad: Tensor, unit_dim: int = 0) -> Tensor:
     g = local_tensor(grad.detach())
     if unit_dim != 0:
         g = g.transpose(0, unit_dim)
-    # abs+amax is exact (an L2 norm would underflow for rows of tiny values) and, unlike an
-    # inf-norm or aminmax with a dim, fast on CPUs
-    alive = g.reshape(g.shape[0], -1).abs().amax(dim=1) > 0 if g.numel() else g.new_zeros(g.shape[0], dtype=torch.bool)
+    # "any element != 0" is exact (an L2 norm would underflow for rows of tiny values) and two kernels;
+    # a NaN row counts as alive (NaN != 0): its gradient is broken, not silent
+    alive = (g.reshape(g.shape[0], -1) != 0).any(dim=1) if g.numel() else g.new_zeros(g.shape[0], dtype=torch.bool)
     dtensor = _dtensor_type()
     if dtensor is None or not isinstance(grad, dtensor):
         return alive
