@@ -26,7 +26,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cat "$OUT/device.txt"
 
 if [ -n "$QUICK" ]; then
-  ROUNDS=(--rounds 1 --steps 40); OVER=(--repeats 1 --budget-repeats 1 --steps 40); MODELS=(mlp gpt)
+  ROUNDS=(--rounds 1 --steps 40); OVER=(--repeats 1 --budget-repeats 1 --steps 30 --workloads mlp); MODELS=(mlp gpt)
 else
   ROUNDS=(--rounds 5 --steps 100); OVER=(--repeats 3 --budget-repeats 5 --steps 100); MODELS=(mlp gpt gpt-medium)
 fi
