@@ -42,8 +42,8 @@ class Watch(CachedStateKey):
             monitor's default selection applies when all three are ``None``).
         log_every_n_steps, sample_every_n_steps, histogram_every_n_steps: cadence passed to
             every monitor built here (``None``: the Trainer's ``log_every_n_steps`` but at least
-            10, five samples per window but at most one batch in five, no histograms; see
-            :mod:`lightning_watch.cadence`).
+            10; per window, five sampled batches for dead units and one for activation scales, at
+            most one batch in five; no histograms; see :mod:`lightning_watch.cadence`).
         alerts: ``True`` (default) builds an :class:`~lightning_watch.EarlyAlerts` fed by this
             Watch's snapshots; pass a configured ``EarlyAlerts`` to choose actions and thresholds,
             or ``False`` for none. ``watch.alerts`` lists the alerts raised.

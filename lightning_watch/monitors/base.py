@@ -48,8 +48,8 @@ class WatchMonitor(CachedStateKey):
             ``log_every_n_steps``, but writes at most every 10 steps (a Trainer at
             ``log_every_n_steps=1`` gets a point every 10 steps; a notice at fit start says so).
         sample_every_n_steps: interval of the steps whose activations and gradients are
-            measured for windowed statistics; ``None`` means five samples per logging window,
-            but at most one batch in five.
+            measured for windowed statistics; ``None`` means ``SAMPLES_PER_WINDOW`` samples per
+            logging window (five; one for activation scales), but at most one batch in five.
         histogram_every_n_steps: interval of TensorBoard histograms; ``None`` (default) writes none.
     """
 
