@@ -88,6 +88,7 @@ class TensorBoardWriter(Writer):
     def __init__(self, logger: TensorBoardLogger) -> None:
         super().__init__(logger)
         fast_crc.install()  # a C checksum for every event record, when a CRC32C package is installed
+        self._tags: set[str] = set()  # every scalar tag written so far
         self._metrics: set[str] = set()  # per-module metrics already in the layout
         self._globals: set[str] = set()
 
@@ -115,8 +116,12 @@ class TensorBoardWriter(Writer):
     def _extend_layout(self, scalars: Iterable[str]) -> None:
         # The layout follows the tags actually written, so no chart ever matches nothing
         # ("Matches (0)"); TensorBoard shows the last layout written, so it is rewritten whole.
+        new = [tag for tag in scalars if tag not in self._tags]
+        if not new:
+            return  # every logging step after the first: nothing to parse
+        self._tags.update(new)
         metrics, globals_ = set(self._metrics), set(self._globals)
-        for tag in scalars:
+        for tag in new:
             parsed = parse_tag(tag)
             if parsed is not None:
                 (metrics if parsed[1] is not None else globals_).add(parsed[0])

@@ -17,6 +17,7 @@ MOMENT_FIELDS = ("sum", "sum_sq", "nonfinite", "saturated")
 
 
 _DTENSOR: list[type | None] = []  # filled on first use: the DTensor class, or None
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})  # never sharded
 
 
 def _dtensor_type() -> type | None:
@@ -43,6 +44,8 @@ def local_tensor(x: Tensor) -> Tensor:
         >>> local_tensor(torch.ones(2)).tolist()
         [1.0, 1.0]
     """
+    if type(x) in _PLAIN:  # the common case, without the DTensor lookup
+        return x
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(x, dtensor):
         return x.to_local()
