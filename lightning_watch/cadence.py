@@ -8,7 +8,7 @@ continue where they stopped after a checkpoint resume.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -44,6 +44,30 @@ def next_due(step: int, intervals: Iterable[int]) -> int:
         (9, 19, 49, 4611686018427387904)
     """
     return min((((step + i) // i) * i - 1 for i in intervals), default=NEVER)
+
+
+class QuietSteps:
+    """A callback's fast path: the steps before the next one at which it has anything to do.
+
+    ``quiet(trainer)`` is one comparison; after a busy batch that stepped the optimizer,
+    ``after(step, *next_busy)`` asks each ``next_busy(step) -> int`` (monitors, probes, the hub)
+    for the first step it needs, and remembers the earliest.
+
+    Example:
+        >>> quiet = QuietSteps()
+        >>> quiet.after(9, lambda s: next_due(s, [10]), lambda s: next_due(s, [50]))
+        >>> quiet.until
+        19
+    """
+
+    def __init__(self) -> None:
+        self.until = 0  # the first batch is never quiet: one-time checks run there
+
+    def quiet(self, trainer: pl.Trainer) -> bool:
+        return trainer.fit_loop.epoch_loop._batches_that_stepped < self.until
+
+    def after(self, step: int, *next_busy: Callable[[int], int]) -> None:
+        self.until = min(busy(step + 1) for busy in next_busy)
 
 
 def steps_optimizer(trainer: pl.Trainer) -> bool:

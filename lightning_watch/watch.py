@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
 from lightning_watch.alerts import EarlyAlerts
-from lightning_watch.cadence import NEVER, logging_step, steps_optimizer
+from lightning_watch.cadence import QuietSteps, logging_step, steps_optimizer
 from lightning_watch.callback_keys import CachedStateKey
 from lightning_watch.hub import SnapshotListener, StatHub
 from lightning_watch.monitors import (
@@ -109,8 +109,8 @@ class Watch(CachedStateKey):
         self._bundle = MonitorBundle(monitors)
         self._listeners: list[SnapshotListener] = []
         self._busy = False  # whether any monitor works on the current batch
-        self._plain = False  # whether the current batch is before `_quiet_until`: nothing to do but the loss
-        self._quiet_until = 0  # the first step at which anything is due (see `on_train_batch_start`)
+        self._plain = False  # whether the current batch is a quiet one: nothing to do but keep the loss
+        self._quiet = QuietSteps()  # the steps before the next one anything is due at
         self._manual = False  # manual optimization
         self._shown: int | None = None  # alert count in the progress bar
         # end-of-fit health report and TensorBoard pictures (lightning_watch/views/)
@@ -173,7 +173,7 @@ class Watch(CachedStateKey):
             self.early_alerts.start(trainer, pl_module)
             sources += self.early_alerts.sources()
         StatHub.for_trainer(trainer).join(self, sources)
-        self._quiet_until = 0  # the first batch runs the one-time checks
+        self._quiet = QuietSteps()  # the first batch runs the one-time checks
         self._plain = False
         self._manual = not pl_module.automatic_optimization
         notice = self._bundle.floor_notice("Watch")
@@ -216,14 +216,14 @@ class Watch(CachedStateKey):
         self._last_snapshot = snapshot
 
     # ------------------------------------------------------------------ the batch
-    # The fast path: `_quiet_until` is the first step at which any monitor, probe, one-time check or
+    # The fast path: `_quiet` knows the first step at which any monitor, probe, one-time check or
     # the hub has work. A batch before it costs one comparison in `on_train_batch_start`, and its
     # other hooks return at once, except the loss: it joins its window on every batch (no kernel on
     # the CPU, one on an accelerator, never a host sync).
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._plain = trainer.fit_loop.epoch_loop._batches_that_stepped < self._quiet_until
+        self._plain = self._quiet.quiet(trainer)
         if self._plain:
             return
         if self.early_alerts is not None:  # first: its one-time checks run before any hook is armed
@@ -266,12 +266,8 @@ class Watch(CachedStateKey):
         if stepped:
             hub = StatHub.for_trainer(trainer)
             hub.batch_end(self, trainer, pl_module)
-            following = step + 1
-            self._quiet_until = min(
-                self._bundle.next_busy(following),
-                hub.next_due(following),
-                alerts.next_busy(following) if alerts is not None else NEVER,
-            )
+            busy = [self._bundle.next_busy, hub.next_due] + ([alerts.next_busy] if alerts is not None else [])
+            self._quiet.after(step, *busy)
         self._show_health(trainer, pl_module)
 
     def _show_health(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -28,7 +28,7 @@ from lightning_watch.alerts.probes import GradientHygiene, InputProbe, LabelProb
 from lightning_watch.alerts.registry import BUILTIN_RULES, required_metrics
 from lightning_watch.alerts.rules import Rule
 from lightning_watch.alerts.sinks import AlertSinks, AlertWarning
-from lightning_watch.cadence import NEVER, Cadence, check_interval, logging_step, steps_optimizer
+from lightning_watch.cadence import NEVER, Cadence, QuietSteps, check_interval, logging_step, steps_optimizer
 from lightning_watch.callback_keys import CachedStateKey
 from lightning_watch.capture import is_compiled
 from lightning_watch.hub import StatHub, StatSource
@@ -122,6 +122,7 @@ class EarlyAlerts(CachedStateKey):
         self._own = MonitorBundle([])  # used alone: the monitors built here
         self._inert = False  # used alone next to a Watch with alerts of its own: does nothing
         self._pending_state: dict[str, Any] | None = None  # a checkpoint, applied at fit start
+        self._quiet, self._plain = QuietSteps(), False  # the fast path when used alone
         self._fresh()
 
     def _fresh(self) -> None:
@@ -446,27 +447,37 @@ class EarlyAlerts(CachedStateKey):
         self._own.start(trainer, pl_module)
         self.start(trainer, pl_module)
         self._hub.join(self, [*self._own.monitors, *self.sources()])
+        self._quiet, self._plain = QuietSteps(), False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._passive:
             self.train_start(trainer, pl_module)
 
+    # used alone, the same fast path as `Watch`: before the next step anything is due at, a batch
+    # costs one comparison and its loss is only kept
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._passive:
             return
+        self._plain = self._quiet.quiet(trainer)
+        if self._plain:
+            return
         self.begin_batch(trainer, pl_module, batch)  # first: its one-time checks run before any hook is armed
         self._own.begin_batch(logging_step(trainer))
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
-        if not self._passive:
+        if self._passive:
+            return
+        if not self._plain:
             self.before_backward(trainer, pl_module, loss)
+        elif not pl_module.automatic_optimization:
+            self.record_backward(loss)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if not self._passive:
+        if not (self._passive or self._plain):
             self.before_optimizer_step(trainer, pl_module, optimizer)
             self._own.before_optimizer_step(trainer, pl_module, optimizer, logging_step(trainer))
 
@@ -475,11 +486,16 @@ class EarlyAlerts(CachedStateKey):
     ) -> None:
         if self._passive:
             return
+        if self._plain:
+            self.record_loss(trainer, pl_module, outputs)
+            return
         self.end_batch(trainer, pl_module, outputs)
         stepped = steps_optimizer(trainer)
-        self._own.end_batch(trainer, pl_module, stepped, logging_step(trainer))
+        step = logging_step(trainer)
+        self._own.end_batch(trainer, pl_module, stepped, step)
         if stepped:
             self._hub.batch_end(self, trainer, pl_module)
+            self._quiet.after(step, self._own.next_busy, self._hub.next_due, self.next_busy)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._passive:
