@@ -929,6 +929,13 @@ PROGRAMS: dict[str, Callable[[int], Program]] = {
 
 
 # --------------------------------------------------------------------------- running and reporting
+def registry(real: bool | None = None) -> dict[str, Callable[[int], Program]]:
+    """The healthy programs (``real=False``), the real models (``True``) or both (``None``)."""
+    from .real_models import MODELS
+
+    return {**(PROGRAMS if real is not True else {}), **(MODELS if real is not False else {})}
+
+
 def run_program(name: str, seed: int, workdir: str, watched: bool = True) -> dict[str, Any]:
     """Fit program ``name`` once in this process with the default ``Watch()``; plain JSON-able results."""
     import logging
@@ -940,7 +947,7 @@ def run_program(name: str, seed: int, workdir: str, watched: bool = True) -> dic
     for logger in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(logger).setLevel(logging.ERROR)
     pl.seed_everything(seed, workers=True, verbose=False)
-    program = PROGRAMS[name](seed)
+    program = registry()[name](seed)
     before = program.metric(program.module)
     program.module.train()
     callbacks = []
@@ -1098,8 +1105,8 @@ def markdown(result: dict[str, Any], title: str = "Healthy programs") -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(args: Any, argv: list[str] | None = None) -> dict[str, Any]:
-    """``benchmarks/diagnosis.py --healthy [--programs a,b] [--out DIR]``: run, write healthy.{md,json}."""
+def main(args: Any, argv: list[str] | None = None, real: bool = False) -> dict[str, Any]:
+    """``diagnosis.py --healthy|--real [--programs a,b] [--out DIR]``: run, write healthy/real_models.{md,json}."""
     import datetime
     import json
     import os
@@ -1111,10 +1118,11 @@ def main(args: Any, argv: list[str] | None = None) -> dict[str, Any]:
 
     from .cli import _revision
 
-    names = args.programs.split(",") if args.programs else list(PROGRAMS)
-    unknown = [n for n in names if n not in PROGRAMS]
+    known = registry(real)
+    names = args.programs.split(",") if args.programs else list(known)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"`--programs` must name programs of {sorted(PROGRAMS)}, got {unknown!r}.")
+        raise ValueError(f"`--programs` must name programs of {sorted(known)}, got {unknown!r}.")
     seed = (args.watch_seeds or args.seeds)[0]
     start = time.perf_counter()
     import lightning_watch  # once, before the forks
@@ -1135,11 +1143,11 @@ def main(args: Any, argv: list[str] | None = None) -> dict[str, Any]:
         },
     }
     os.makedirs(args.out, exist_ok=True)
-    stem = "healthy" if args.programs is None else "healthy_subset"
+    stem = ("real_models" if real else "healthy") + ("" if args.programs is None else "_subset")
     with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
         f.write("\n")
-    text = markdown(result)
+    text = markdown(result, "Healthy real models" if real else "Healthy programs")
     with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(text)
     if not args.quiet:
