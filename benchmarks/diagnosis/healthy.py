@@ -988,6 +988,8 @@ def run_program(name: str, seed: int, workdir: str, watched: bool = True) -> dic
         "steps": int(trainer.global_step),
         "seconds": round(seconds, 2),
         "alerts": alerts,
+        # the step of Watch's last statistics snapshot: proof that its rules had something to judge
+        "last_snapshot_step": None if watch is None or watch.last_snapshot is None else watch.last_snapshot.step,
         "error": None,
     }
 
