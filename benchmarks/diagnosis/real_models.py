@@ -90,21 +90,28 @@ def _text(seed: int, length: int = 32, **kw):
 class _Topics(Dataset):
     """Two-class "topic" texts: class c is drawn from Markov chain c (different word statistics)."""
 
-    def __init__(self, seed: int, n: int, length: int = 32):
-        chains = [_markov_corpus(seed * 2 + c, vocab=VOCAB, length=n * length // 2 + 1) for c in (0, 1)]
-        self.items = []
-        for c, chain in enumerate(chains):
-            for i in range(n // 2):
-                ids = torch.cat([torch.tensor([PAD]), chain[i * length : (i + 1) * length - 1]])  # [CLS] first
-                self.items.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor(c)})
-        perm = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(seed))
-        self.items = [self.items[i] for i in perm]
+    def __init__(self, items):
+        self.items = items
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         return self.items[i]
+
+
+def _topics(seed: int, n: int = 2000, length: int = 32, test: float = 0.2):
+    """Train and test sets of ``n`` two-topic texts, shuffled once, split ``1 - test`` / ``test``."""
+    chains = [_markov_corpus(seed * 2 + c, vocab=VOCAB, length=n * length // 2 + 1) for c in (0, 1)]
+    items = []
+    for c, chain in enumerate(chains):
+        for i in range(n // 2):
+            ids = torch.cat([torch.tensor([PAD]), chain[i * length : (i + 1) * length - 1]])  # [CLS] first
+            items.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor(c)})
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))
+    items = [items[i] for i in perm]
+    cut = int((1 - test) * len(items))
+    return _Topics(items[:cut]), _Topics(items[cut:])
 
 
 def _held_out_loss(m, data, batches: int = 8) -> float:
@@ -132,7 +139,7 @@ def _text_accuracy(m, data) -> float:
     return right / count
 
 
-def _lm(model, seed: int, target: float, source: str, lr: float = 1e-3, **kw) -> Program:
+def _lm(model, seed: int, target: float, source: str, lr: float = 1e-3, steps: int = STEPS, **kw) -> Program:
     train, test = _text(seed, **kw)
     return Program(
         module=HFModule(model, lr=lr),
@@ -141,13 +148,13 @@ def _lm(model, seed: int, target: float, source: str, lr: float = 1e-3, **kw) ->
         metric_name="held-out loss (nats/token)",
         target=target,
         higher_is_better=False,
-        trainer={"max_steps": STEPS},
+        trainer={"max_steps": steps},
         source=source,
     )
 
 
 def _classifier(model, seed: int, source: str) -> Program:
-    train, test = _Topics(seed, 1600), _Topics(seed + 1000, 400)
+    train, test = _topics(seed)
     return Program(
         module=HFModule(model),
         train=DataLoader(train, batch_size=32, shuffle=True),
@@ -171,7 +178,8 @@ def _bert_config(**kw):
 def bert_mlm(seed: int) -> Program:
     from transformers import BertForMaskedLM
 
-    return _lm(BertForMaskedLM(_bert_config()), seed, 2.5, "BertForMaskedLM, 2 layers x 64, 15 % masking", mlm=True)
+    source = "BertForMaskedLM, 2 layers x 64, 15 % masking, AdamW 2e-3, 300 steps"
+    return _lm(BertForMaskedLM(_bert_config()), seed, 3.6, source, lr=2e-3, steps=300, mlm=True)
 
 
 def bert_cls(seed: int) -> Program:
@@ -215,30 +223,51 @@ def t5(seed: int) -> Program:
 
     config = T5Config(vocab_size=VOCAB + 2, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2,
                       decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=None)  # fmt: skip
-    return _lm(T5ForConditionalGeneration(config), seed, 1.8, "T5ForConditionalGeneration, continue a text",
+    return _lm(T5ForConditionalGeneration(config), seed, 2.5, "T5ForConditionalGeneration, continue a text",
                seq2seq=True)  # fmt: skip
+
+
+def _pretrain(model, seed: int, steps: int = 150) -> None:
+    """Plain-PyTorch causal-LM training of the base model on *another* synthetic text: the "pretrained"
+    checkpoint that LoRA then adapts (no download; unwatched, before the watched fit)."""
+    train, _ = _text(seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    model.train()
+    step = 0
+    while step < steps:
+        for batch in loader:
+            loss = model(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == steps:
+                break
 
 
 def _lora(model, target_modules, seed, source) -> Program:
     from peft import LoraConfig, get_peft_model
 
+    _pretrain(model, seed)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=target_modules, lora_dropout=0.05))
     # LoRA trains the adapters only: the usual higher learning rate of adapter fine-tuning
-    return _lm(model, seed, 3.0, source, lr=3e-3)
+    return _lm(model, seed, 2.5, source, lr=3e-3)
 
 
 def lora_llama(seed: int) -> Program:
     from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM(_llama_config())
-    return _lora(base, ["q_proj", "v_proj", "up_proj", "down_proj"], seed, "peft LoRA r 8 on a Llama (base frozen)")
+    source = "peft LoRA r 8 on a Llama pretrained on another text (base frozen)"
+    return _lora(base, ["q_proj", "v_proj", "up_proj", "down_proj"], seed, source)
 
 
 def lora_gpt2(seed: int) -> Program:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     base = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB + 2, n_positions=64, n_embd=64, n_layer=2, n_head=2))
-    return _lora(base, ["c_attn", "c_fc"], seed, "peft LoRA r 8 on GPT-2 c_attn/c_fc (base frozen)")
+    return _lora(base, ["c_attn", "c_fc"], seed, "peft LoRA r 8 on c_attn/c_fc of a GPT-2 pretrained on another text")
 
 
 # --------------------------------------------------------------------------- vision models
@@ -251,7 +280,7 @@ def _images(seed: int, size: int):
     return (prep(x), y), (prep(xt), yt)
 
 
-def _vision(model, seed: int, size: int, source: str, lr: float = 1e-3) -> Program:
+def _vision(model, seed: int, size: int, source: str, lr: float = 1e-3, steps: int = STEPS) -> Program:
     (x, y), (xt, yt) = _images(seed, size)
 
     def accuracy(m):
@@ -266,7 +295,7 @@ def _vision(model, seed: int, size: int, source: str, lr: float = 1e-3) -> Progr
         metric_name="test accuracy",
         target=0.85,
         higher_is_better=True,
-        trainer={"max_steps": STEPS},
+        trainer={"max_steps": steps},
         source=source,
     )
 
@@ -276,7 +305,7 @@ def vit(seed: int) -> Program:
 
     config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=2,
                        num_attention_heads=2, intermediate_size=128, num_labels=10)  # fmt: skip
-    return _vision(ViTForImageClassification(config), seed, 16, "ViTForImageClassification, 16x16, patch 4")
+    return _vision(ViTForImageClassification(config), seed, 16, "ViTForImageClassification, 16x16, patch 4", steps=300)
 
 
 def resnet(seed: int) -> Program:
@@ -290,24 +319,32 @@ def resnet(seed: int) -> Program:
 def mobilenet_v2(seed: int) -> Program:
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
 
-    config = MobileNetV2Config(num_channels=1, image_size=32, depth_multiplier=0.35, num_labels=10)
-    return _vision(MobileNetV2ForImageClassification(config), seed, 32, "MobileNetV2ForImageClassification (ReLU6)")
+    config = MobileNetV2Config(num_channels=1, image_size=16, depth_multiplier=0.35, num_labels=10)
+    source = "MobileNetV2ForImageClassification (ReLU6), 16x16, 300 steps"
+    return _vision(MobileNetV2ForImageClassification(config), seed, 16, source, steps=300)
 
 
 def efficientnet(seed: int) -> Program:
     from transformers import EfficientNetConfig, EfficientNetForImageClassification
 
     config = EfficientNetConfig(num_channels=1, image_size=32, width_coefficient=0.25, depth_coefficient=0.25,
-                                hidden_dim=256, num_labels=10)  # fmt: skip
-    return _vision(
-        EfficientNetForImageClassification(config), seed, 32, "EfficientNetForImageClassification (SiLU, SE)"
-    )
+                                hidden_dim=320, num_labels=10)  # fmt: skip
+    model = EfficientNetForImageClassification(config)
+    # transformers 5.24 draws EfficientNet's BatchNorm weights from N(0, 0.02) instead of ones: the signal
+    # shrinks ~1e5x per block, logits are ~1e-35 and it never trains (Watch says so: dead_units and
+    # disconnected_parameters, a true alarm). Re-initialized as torchvision's EfficientNet is: weight 1, bias 0.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_parameters()
+    source = "EfficientNetForImageClassification (SiLU, squeeze-excite; BatchNorm re-initialized to 1)"
+    return _vision(model, seed, 32, source)
 
 
 def convnext(seed: int) -> Program:
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
-    config = ConvNextConfig(num_channels=1, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], patch_size=2, num_labels=10)
+    config = ConvNextConfig(num_channels=1, num_stages=3, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], patch_size=2,
+                            num_labels=10)  # fmt: skip
     return _vision(ConvNextForImageClassification(config), seed, 32, "ConvNextForImageClassification (LayerNorm, GELU)")
 
 
