@@ -481,9 +481,12 @@ def update_size(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
 
 
 def _loss_progressing(ctx: RuleContext, snapshot: Snapshot, windows: int, falling: float, converged: float) -> bool:
-    """Whether the loss makes progress: it is below ``converged`` x a positive initial loss, or it fell by
-    more than ``falling`` (a share of its magnitude) over the last ``windows`` windows (from the window
-    before them, or from the initial loss when there is none yet)."""
+    """Whether the loss makes progress (then large steps are doing no harm).
+
+    It does when it is below ``converged`` x a positive initial loss, or when it fell by more than
+    ``falling`` (a share of its magnitude) over the last ``windows`` windows: from the window before
+    them, or from the initial loss when there is none yet.
+    """
     now, initial = snapshot.get("loss"), ctx.initial_loss
     if not math.isfinite(now):
         return False
