@@ -10,6 +10,8 @@ whether the watched run trained exactly like the unwatched one.
     PYTHONPATH=$PWD python benchmarks/diagnosis.py --jobs 2          # full run
     PYTHONPATH=$PWD python benchmarks/diagnosis.py --quick           # CI subset, < 60 s
     PYTHONPATH=$PWD python benchmarks/diagnosis.py --setups lstm --operators HLR_x100,WCI --seeds 0,1,2
+    PYTHONPATH=$PWD python benchmarks/diagnosis.py --healthy          # healthy example programs, ~6 min
+    PYTHONPATH=$PWD python benchmarks/diagnosis.py --real             # healthy Hugging Face models, ~4 min
 """
 
 from __future__ import annotations

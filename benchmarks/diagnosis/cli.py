@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the ground truth (the cache is not written)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="combine result files of earlier runs, train nothing")
+    p.add_argument("--healthy", action="store_true", help="the healthy programs instead (healthy.md/json in --out)")
+    p.add_argument("--real", action="store_true", help="the healthy real models (real_models.md/json in --out)")
+    p.add_argument("--programs", default=None, help="comma-separated, with --healthy or --real (default: all)")
     return p
 
 
@@ -98,6 +101,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.merge:
         return merge(args.merge, args.out)
     torch.set_num_threads(1)
+    if args.healthy or args.real:
+        from . import healthy
+
+        return healthy.main(args, argv, real=args.real)
     if args.quick:
         args.setups = args.setups or QUICK_SETUPS
         args.operators = args.operators or QUICK_OPERATORS

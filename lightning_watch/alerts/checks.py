@@ -59,13 +59,31 @@ def _reads_in_order(loader: DataLoader) -> bool:
     return getattr(batch_sampler, "shuffle", None) is False
 
 
+def _order_is_by_design(loader: DataLoader) -> bool:
+    """Whether reading in order is harmless or intended for this loader (no ``unshuffled_data`` then).
+
+    - One batch holds the whole data set (full-batch training: L-BFGS, a graph's nodes): shuffling would
+      only permute the rows of that batch, which a mean loss does not see.
+    - ``batch_size=None``: the data set's items are batches the user built (pytorch/examples
+      word_language_model's ``get_batch``: consecutive bptt-long chunks of one text stream, read in
+      order because the hidden state is carried from one to the next), so their order is the design.
+      Sorted labels inside such batches are still seen by the label-run check.
+    """
+    if loader.batch_size is None and loader.batch_sampler is None:
+        return True
+    try:
+        return len(loader) == 1
+    except TypeError:  # a sampler without a length
+        return False
+
+
 def check_sampler(ctx: RuleContext, at: Snapshot, train_dataloader: Any) -> list[Alert]:
     """``unshuffled_data`` when a map-style training loader samples in order."""
     out = []
     for loader in _loaders(train_dataloader):
         if isinstance(loader.dataset, IterableDataset):
             continue  # order is the data set's business: judged by label runs instead
-        if _reads_in_order(loader) and len(loader.dataset) > 1:
+        if _reads_in_order(loader) and len(loader.dataset) > 1 and not _order_is_by_design(loader):
             sampler = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
             out.append(
                 ctx.alert(
@@ -144,9 +162,21 @@ def batch_labels(batch: Any) -> Tensor | None:
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         return None
     y = _label_vector(batch[1])
-    if y is None or len(batch) < 3 or _label_vector(batch[2]) is None or not _are_lengths(batch[0], y):
-        return y
-    return _label_vector(batch[2]) if len(batch[2]) == len(y) else y
+    if y is not None and len(batch) >= 3 and _label_vector(batch[2]) is not None and _are_lengths(batch[0], y):
+        y = _label_vector(batch[2]) if len(batch[2]) == len(y) else y
+    return y if y is not None and _one_per_sample(batch[0], y) else None
+
+
+def _one_per_sample(x: Any, y: Tensor) -> bool:
+    """``y`` holds one entry per sample of ``x``: its length is ``x``'s batch dimension (0, or 1 if time-major).
+
+    A language model's flattened ``(seq * batch,)`` next-token targets (pytorch/examples
+    word_language_model) are not class labels: their imbalance is the words' (Zipf's law), not a fault.
+    When the inputs are not one tensor the labels are taken as they are.
+    """
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        return True
+    return len(y) == x.shape[0] or (x.dim() >= 2 and len(y) == x.shape[1])
 
 
 def _are_lengths(x: Any, y: Tensor) -> bool:

@@ -46,7 +46,12 @@ DEFAULTS: dict[str, dict[str, float]] = {
     AlertCode.SATURATED_UNITS: {"threshold": 0.5, "patience": 2},
     AlertCode.ACTIVATION_EXPLOSION: {"threshold": 100.0, "patience": 2},
     AlertCode.STALLED_PARAMETERS: {"threshold": 0.0, "patience": 2, "min_grad_ratio": 1e-6},
-    AlertCode.LARGE_UPDATES: {"threshold": 0.05, "patience": 2},
+    # 0.05: a relative step 50x the ~1e-3 rule of thumb (Karpathy, CS231n "ratio of updates to weights").
+    # Some published recipes take such steps and train well: pytorch/examples word_language_model (SGD lr 20,
+    # clip 0.25) moves its weights 5-15 % a step while its loss falls fast. So large steps are a fault only
+    # while the loss makes no progress: not once it fell by ``falling`` (share of its magnitude) over the
+    # windows of large steps, nor below ``converged`` x the initial loss (the tiny_updates criterion).
+    AlertCode.LARGE_UPDATES: {"threshold": 0.05, "patience": 2, "falling": 0.1, "converged": 0.5},
     AlertCode.TINY_UPDATES: {"threshold": 1e-5, "patience": 3, "converged": 0.5},
     AlertCode.LOSS_PLATEAU: {"threshold": 0.05, "min_steps": 200},
     AlertCode.LOSS_DIVERGENCE: {"threshold": 2.0, "min_rise": 0.1, "patience": 1},
@@ -441,8 +446,10 @@ def update_size(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
     ratio = snapshot.get("update_ratio")
     if not math.isfinite(ratio):
         return
-    if ratio > large["threshold"] and _held(
-        ctx, snapshot, large["patience"], lambda h: h.get("update_ratio") > large["threshold"]
+    if (
+        ratio > large["threshold"]
+        and _held(ctx, snapshot, large["patience"], lambda h: h.get("update_ratio") > large["threshold"])
+        and not _loss_progressing(ctx, snapshot, int(large["patience"]), large["falling"], large["converged"])
     ):
         yield ctx.alert(
             "large_updates",
@@ -471,6 +478,23 @@ def update_size(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
             "Raise the learning rate (try a learning-rate finder), check the scheduler has not decayed it to "
             "nearly 0, and check the gradients are not vanishing.",
         )
+
+
+def _loss_progressing(ctx: RuleContext, snapshot: Snapshot, windows: int, falling: float, converged: float) -> bool:
+    """Whether the loss makes progress (then large steps are doing no harm).
+
+    It does when it is below ``converged`` x a positive initial loss, or when it fell by more than
+    ``falling`` (a share of its magnitude) over the last ``windows`` windows: from the window before
+    them, or from the initial loss when there is none yet.
+    """
+    now, initial = snapshot.get("loss"), ctx.initial_loss
+    if not math.isfinite(now):
+        return False
+    if math.isfinite(initial) and initial > 0 and now < converged * initial:
+        return True
+    history = list(ctx.history)
+    before = history[-windows].get("loss") if len(history) >= windows else initial
+    return math.isfinite(before) and now < before - falling * abs(before)
 
 
 # ---------------------------------------------------------------------- distributed
