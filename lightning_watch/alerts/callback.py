@@ -24,7 +24,15 @@ from lightning_watch.alerts.engine import AlertEngine, Finding
 from lightning_watch.alerts.framework_warnings import FrameworkWarnings
 from lightning_watch.alerts.frozen import check_frozen
 from lightning_watch.alerts.loss import LossWindow, NonFiniteGuard, extract_loss
-from lightning_watch.alerts.probes import GradientHygiene, InputProbe, LabelProbe, OutputProbe, UnitSymmetry
+from lightning_watch.alerts.probes import (
+    GradientHygiene,
+    InputProbe,
+    LabelProbe,
+    LossTrend,
+    ModelFacts,
+    OutputProbe,
+    UnitSymmetry,
+)
 from lightning_watch.alerts.registry import BUILTIN_RULES, required_metrics
 from lightning_watch.alerts.rules import Rule
 from lightning_watch.alerts.sinks import AlertSinks, AlertWarning
@@ -112,6 +120,7 @@ class EarlyAlerts(CachedStateKey):
         # what the detectors read besides the monitors' statistics (lightning_watch/alerts/probes.py)
         self.inputs, self.outputs, self.labels = InputProbe(), OutputProbe(), LabelProbe()
         self.hygiene, self.symmetry = GradientHygiene(), UnitSymmetry()
+        self.trend, self.facts = LossTrend(), ModelFacts()  # the loss's slope; dropout rates, frozen layers
         self.engine = AlertEngine(self.config, initial_loss=self.loss.current_initial_loss)
         self.stop_alert: Alert | None = None
         self._agreement = ActionAgreement()
@@ -182,7 +191,8 @@ class EarlyAlerts(CachedStateKey):
         """What the hub reads for this engine: the loss window, the probes (and the DDP action flags)."""
         flags = [self._flags] if self._flags is not None else []
         # the label probe after the output probe: it reads the number of classes the outputs tell
-        return [self.loss, self.inputs, self.outputs, self.labels, self.hygiene, self.symmetry, *flags]
+        probes = [self.inputs, self.outputs, self.labels, self.hygiene, self.symmetry, self.trend, self.facts]
+        return [self.loss, *probes, *flags]
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The model is on its device (``on_fit_start``)."""
@@ -200,7 +210,10 @@ class EarlyAlerts(CachedStateKey):
             self.labels: lambda: self.labels.start(self._cadence, device),
             self.hygiene: lambda: self.hygiene.start(self._cadence, device, pl_module, trainer.optimizers),
             self.symmetry: lambda: self.symmetry.start(self._cadence, device, pl_module),
+            self.trend: lambda: self.trend.start(self._cadence, device),
+            self.facts: lambda: self.facts.start(self._cadence, device, pl_module),
         }
+        self.facts.stop()
         for probe, start in starts.items():
             probe.state.clear()  # not allocated: a probe that does not start measures nothing
             if needed & set(probe.PRODUCES):
@@ -284,6 +297,8 @@ class EarlyAlerts(CachedStateKey):
         self._backward_losses = []
         if loss is None:
             return
+        if self._sampled:  # the loss's trend: sampled steps only, device ops, no sync
+            self.trend.observe(logging_step(trainer), loss)
         nonfinite = self.loss.add(loss)  # known at once for a CPU loss
         if nonfinite is None:
             nonfinite = self._guard.push(loss)

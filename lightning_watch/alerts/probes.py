@@ -156,16 +156,18 @@ class OutputProbe(_Probe):
     loss that applies its own), and the size of the last dimension (the number of classes).
 
     Logged Metrics:
-        ``watch.global/output_zero_frac``, ``watch.global/output_prob_rows``, ``watch.global/output_classes``.
+        ``watch.global/output_zero_frac``, ``watch.global/output_prob_rows``, ``watch.global/output_classes``,
+        ``watch.global/output_width`` (the output's last dimension, also when it is 1: a regression head).
     """
 
-    PRODUCES = ("output_zero_frac", "output_prob_rows", "output_classes")
+    PRODUCES = ("output_zero_frac", "output_prob_rows", "output_classes", "output_width")
 
     def __init__(self) -> None:
         super().__init__()
         self._handles: list[RemovableHandle] = []
         self._last: Tensor | None = None
         self._classes = 0
+        self._width = self._seen_width = 0  # last dimension of the output, also for one-column outputs
 
     def start(self, cadence: Cadence, device: torch.device) -> None:
         self.cadence = cadence
@@ -173,6 +175,7 @@ class OutputProbe(_Probe):
         self.state.declare("sums", (2,), reduce="sum")  # zeros, probability rows
         self.state.declare("count", (2,), reduce="sum", host=True)  # elements, rows
         self.state.allocate(device)
+        self._width = self._seen_width = 0
 
     def arm(self, model: nn.Module) -> None:
         """Watch this batch's forward: the output of the model, or of its last top-level child to finish.
@@ -191,13 +194,18 @@ class OutputProbe(_Probe):
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         y = primary_tensor(output)
-        if y is not None and y.is_floating_point() and y.dim() >= 2 and y.shape[-1] >= 2:
+        if y is None or not y.is_floating_point() or y.dim() < 1:
+            return
+        # the width of whatever finished last: 1 for a regression head, (N, 1) or (N,)
+        self._width = y.shape[-1] if y.dim() >= 2 else 1
+        if y.dim() >= 2 and y.shape[-1] >= 2:
             self._last = local_tensor(y).detach()
 
     def measure(self) -> None:
         """Measure the output kept by the hooks (the end of a logging batch)."""
         self.disarm()
         y, self._last = self._last, None
+        self._seen_width, self._width = self._width or self._seen_width, 0
         if y is None or not self.state.allocated:
             return
         rows = y.reshape(-1, y.shape[-1])
@@ -210,6 +218,8 @@ class OutputProbe(_Probe):
         self._classes = rows.shape[1]
 
     def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        if self._seen_width and self.state.allocated:
+            snapshot.put("output_width", float(self._seen_width))
         counts = self._values(values, "count") or [0, 0]
         if not counts[1]:
             return
@@ -376,3 +386,113 @@ class UnitSymmetry(_Probe):
 
     def reset(self) -> None:
         pass  # measured afresh at each logging step
+
+
+class LossTrend(_Probe):
+    """The slope of the training loss within each logging window (least squares over sampled steps).
+
+    The window's mean loss says where the loss is; its slope says where it is going. A fit shorter
+    than two windows has no other trend. On sampled steps only: five sums on the device, no sync.
+
+    Logged Metrics:
+        ``watch.global/loss_slope`` (loss change per step), ``watch.global/loss_slope_points``
+        (sampled losses it was fitted on).
+
+    Example:
+        >>> trend = LossTrend(); trend.start(Cadence(log=10, sample=1), torch.device("cpu"))
+        >>> for step in range(10): trend.observe(step, torch.tensor(5.0 - 0.5 * step))
+        >>> from lightning_watch.stats import read_blocks
+        >>> snap = Snapshot(step=9, epoch=0); trend.finalize(read_blocks([trend.collect()]), snap)
+        >>> round(snap.get("loss_slope"), 6), snap.get("loss_slope_points")
+        (-0.5, 10.0)
+    """
+
+    PRODUCES = ("loss_slope", "loss_slope_points")
+
+    def start(self, cadence: Cadence, device: torch.device) -> None:
+        self.cadence = cadence
+        self.state.clear()
+        # n, sum t, sum t^2, sum L, sum tL, with t relative to the window's first sampled step (well conditioned)
+        self.state.declare("sums", (5,), reduce="sum", dtype=torch.float64)
+        self.state.allocate(device)
+        self._origin: int | None = None
+
+    def observe(self, step: int, loss: Tensor) -> None:
+        """A sampled step's loss (a finite scalar tensor; non-finite losses are the guard's business)."""
+        if not self.state.allocated:
+            return
+        if self._origin is None:
+            self._origin = step
+        sums = self.state["sums"]
+        value = local_tensor(loss).detach().reshape(()).to(device=sums.device, dtype=sums.dtype)
+        t = float(step - self._origin)
+        row = torch.stack([torch.ones_like(value), value.new_tensor(t), value.new_tensor(t * t), value, value * t])
+        sums.add_(torch.where(torch.isfinite(value), row, torch.zeros_like(row)))
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        sums = self._values(values, "sums")
+        if not sums:
+            return
+        n, st, stt, sl, stl = sums
+        spread = n * stt - st * st
+        if n >= 3 and spread > 0:
+            snapshot.put("loss_slope", (n * stl - st * sl) / spread)
+            snapshot.put("loss_slope_points", n)
+
+    def reset(self) -> None:
+        super().reset()
+        self._origin = None
+
+
+#: dropout layers, by their base classes (``nn.Dropout``, ``Dropout1d/2d/3d``, the alpha dropouts)
+_DROPOUT = (nn.modules.dropout._DropoutNd,)
+
+
+class ModelFacts(_Probe):
+    """Facts of the model's structure, restated in every snapshot: dropout rates and frozen layers.
+
+    Found once at the start of fit (no device work at all); the detectors judge them together
+    with what training does (the loss), and the forward order of the first batch.
+
+    Logged Metrics:
+        ``watch.dropout_p/<NN>.<module>`` (the drop probability of each dropout layer),
+        ``watch.frozen/<NN>.<module>`` (1 for a module whose own parameters all have
+        ``requires_grad=False``, 0 for one whose parameters train).
+
+    Example:
+        >>> facts = ModelFacts(); model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.9), nn.Linear(2, 2))
+        >>> _ = model[0].requires_grad_(False); facts.start(Cadence(log=1, sample=1), torch.device("cpu"), model)
+        >>> snap = Snapshot(step=0, epoch=0); facts.finalize({}, snap)
+        >>> snap.modules("dropout_p"), snap.modules("frozen")
+        ({'1': 0.9}, {'0': 1.0, '2': 0.0})
+    """
+
+    PRODUCES = ("dropout_p", "frozen")
+
+    def start(self, cadence: Cadence, device: torch.device, model: nn.Module) -> None:
+        self.cadence = cadence
+        self._dropout: dict[str, float] = {}
+        self._frozen: dict[str, float] = {}
+        for name, module in model.named_modules():
+            p = getattr(module, "p", None)
+            if isinstance(module, _DROPOUT) and isinstance(p, (int, float)):
+                self._dropout[name] = float(p)
+            own = [param for param in module.parameters(recurse=False) if param.numel() > 0]
+            if own:
+                self._frozen[name] = 0.0 if any(param.requires_grad for param in own) else 1.0
+        self.started = True
+
+    def collect(self) -> StatBlock:
+        return StatBlock()  # nothing on the device
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        if not getattr(self, "started", False):
+            return
+        for name, p in self._dropout.items():
+            snapshot.put("dropout_p", p, name)
+        if any(self._frozen.values()):  # the common case, nothing frozen, costs the snapshot nothing
+            for name, flag in self._frozen.items():
+                snapshot.put("frozen", flag, name)
+
+    def stop(self) -> None:
+        self.started = False
