@@ -20,7 +20,12 @@ ALARM = ("warning", "error")
 #: names the operators used before the detectors existed -> the codes lightning_watch raises, and codes
 #: that also name an operator's cause. Scoring only: editing operators.py would invalidate the cached
 #: ground truth, which does not depend on what counts as a cause.
-CAUSE_ALIASES = {"loss_at_chance": ("chance_level_loss",), "frozen_layers": ("frozen_parameters",)}
+CAUSE_ALIASES = {
+    "loss_at_chance": ("chance_level_loss",),
+    "frozen_layers": ("frozen_parameters",),
+    # saturation inside a recurrent module is saturated units, where no output hook looks
+    "saturated_units": ("saturated_gates",),
+}
 EXTRA_CAUSES = {
     "relu_logits": ("rectified_outputs",),
     "softmax_logits": ("chance_level_loss", "probability_outputs"),

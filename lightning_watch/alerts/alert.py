@@ -43,6 +43,7 @@ class AlertCode(str, Enum):
     PROBABILITY_OUTPUTS = "probability_outputs"
     EXTREME_DROPOUT = "extreme_dropout"
     FROZEN_LAYERS = "frozen_layers"
+    SATURATED_GATES = "saturated_gates"
     FROZEN_PARAMETERS = "frozen_parameters"
     FRAMEWORK_WARNING = "framework_warning"
 

@@ -31,6 +31,7 @@ from lightning_watch.alerts.probes import (
     LossTrend,
     ModelFacts,
     OutputProbe,
+    RecurrentGates,
     UnitSymmetry,
 )
 from lightning_watch.alerts.registry import BUILTIN_RULES, required_metrics
@@ -121,6 +122,7 @@ class EarlyAlerts(CachedStateKey):
         self.inputs, self.outputs, self.labels = InputProbe(), OutputProbe(), LabelProbe()
         self.hygiene, self.symmetry = GradientHygiene(), UnitSymmetry()
         self.trend, self.facts = LossTrend(), ModelFacts()  # the loss's slope; dropout rates, frozen layers
+        self.gates = RecurrentGates()  # saturation inside nn.LSTM/GRU/RNN
         self.engine = AlertEngine(self.config, initial_loss=self.loss.current_initial_loss)
         self.stop_alert: Alert | None = None
         self._agreement = ActionAgreement()
@@ -192,6 +194,7 @@ class EarlyAlerts(CachedStateKey):
         flags = [self._flags] if self._flags is not None else []
         # the label probe after the output probe: it reads the number of classes the outputs tell
         probes = [self.inputs, self.outputs, self.labels, self.hygiene, self.symmetry, self.trend, self.facts]
+        probes.append(self.gates)
         return [self.loss, *probes, *flags]
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -212,6 +215,7 @@ class EarlyAlerts(CachedStateKey):
             self.symmetry: lambda: self.symmetry.start(self._cadence, device, pl_module),
             self.trend: lambda: self.trend.start(self._cadence, device),
             self.facts: lambda: self.facts.start(self._cadence, device, pl_module),
+            self.gates: lambda: self.gates.start(self._cadence, device, pl_module),
         }
         self.facts.stop()
         for probe, start in starts.items():
@@ -243,6 +247,7 @@ class EarlyAlerts(CachedStateKey):
             self.inputs.observe(batch)
             if not is_compiled(pl_module):  # new hooks would make torch.compile recompile
                 self.outputs.arm(pl_module)
+                self.gates.arm()
         if step < self.config.settings["framework_warning"]["batches"] and self.config.enabled("framework_warning"):
             self._warnings.listen()
         if not self._labels.done and self.config.enabled("unshuffled_data"):
@@ -273,6 +278,7 @@ class EarlyAlerts(CachedStateKey):
     def end_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
         if self._logging:
             self.outputs.measure()
+            self.gates.disarm()
         if self._warnings.listening and (
             self._warnings.seen or logging_step(trainer) + 1 >= self.config.settings["framework_warning"]["batches"]
         ):
@@ -344,6 +350,7 @@ class EarlyAlerts(CachedStateKey):
         self._guard.clear()
         self._warnings.stop()
         self.outputs.disarm()
+        self.gates.disarm()
         self.hygiene.stop()
         self.loss.stop()
 

@@ -49,6 +49,9 @@ DEFAULTS: dict[str, dict[str, float]] = {
     # a dropout layer dropping more than this share (Srivastava et al., JMLR 2014: keep 0.5-0.8 of the
     # hidden units; the largest rate in common examples is 0.65, PyTorch's word-language-model)
     "extreme_dropout": {"threshold": 0.75},
+    # more than half of a recurrent layer's gate pre-activations saturated (the bound of saturated_units,
+    # after DeepDiagnosis, ICSE 2022: saturated when > 50 % of pre-activations are beyond the knee)
+    "saturated_gates": {"threshold": 0.5, "patience": 2},
     # a frozen layer runs before trainable ones and, after `min_steps`, the loss is still above this
     # share of its initial value
     "frozen_layers": {"threshold": 0.9, "min_steps": 200},
@@ -448,6 +451,29 @@ def extreme_dropout(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
     )
 
 
+@detector("saturated_gates", requires=("gate_saturated_frac",))
+def saturated_gates(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
+    """Most gate pre-activations of a recurrent layer are saturated, for ``patience`` windows."""
+    s = ctx.settings["saturated_gates"]
+    for module, share in snapshot.modules("gate_saturated_frac").items():
+        if not share > s["threshold"]:
+            continue
+        held = _held(ctx, snapshot, s["patience"], lambda h, m=module: h.get("gate_saturated_frac", m) > s["threshold"])
+        if not held:
+            continue
+        yield ctx.alert(
+            "saturated_gates",
+            snapshot,
+            module,
+            share,
+            s["threshold"],
+            f"{share:.0%} of the gate pre-activations inside {module} are saturated (sigmoid gates stuck near 0 or 1, "
+            "the tanh candidate near -1 or 1): their gradients vanish and the layer stops learning.",
+            "Standardize the inputs, keep PyTorch's default recurrent initialisation (uniform in +-1/sqrt(hidden)), "
+            "lower the learning rate, and clip gradients (`Trainer(gradient_clip_val=1.0)`).",
+        )
+
+
 @detector("frozen_layers", requires=("frozen", "loss"))
 def frozen_layers(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
     """A frozen layer runs before trainable ones, and after ``min_steps`` the loss has hardly fallen."""
@@ -497,5 +523,6 @@ DETECTORS: tuple[Rule, ...] = (
     regression_on_class_indices,
     probability_outputs,
     extreme_dropout,
+    saturated_gates,
     frozen_layers,
 )

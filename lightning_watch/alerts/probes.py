@@ -496,3 +496,143 @@ class ModelFacts(_Probe):
 
     def stop(self) -> None:
         self.started = False
+
+
+#: a gate counts as saturated within 1 % of its range from a bound, as in ``ActivationScaleMonitor``:
+#: a sigmoid beyond |z| = ln(99) (below 0.01 or above 0.99), a tanh beyond |z| = atanh(0.98)
+SIGMOID_SATURATION = 4.59511985013459
+TANH_SATURATION = 2.2975599250672945
+
+
+class RecurrentGates(_Probe):
+    """Saturated gates inside ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (tanh) modules, where no output hook looks.
+
+    A recurrent module computes its gates inside one fused kernel: their pre-activations are no
+    module's output. On logging batches a forward hook takes the module's input and its output
+    sequence (the hidden state before each step) and recomputes, under ``no_grad``, the first
+    layer's gate pre-activations from ``weight_ih_l0``/``weight_hh_l0`` (one matmul of the size of
+    the module's own, once per window), then counts those beyond the saturation bounds (the
+    forward direction; single-layer modules, since deeper layers' inputs are not visible). A
+    ``PackedSequence`` input, projections (``proj_size``) and parametrized weights are skipped.
+
+    Logged Metrics:
+        ``watch.gate_saturated_frac/<NN>.<module>``: share of the first layer's gate pre-activations
+        in saturation (all gates together).
+
+    Example:
+        >>> lstm = nn.LSTM(3, 4); probe = RecurrentGates()
+        >>> probe.start(Cadence(log=1, sample=1), torch.device("cpu"), lstm); probe.arm()
+        >>> _ = lstm(torch.full((5, 2, 3), 100.0)); probe.disarm()  # raw, huge inputs
+        >>> from lightning_watch.stats import read_blocks
+        >>> snap = Snapshot(step=0, epoch=0); probe.finalize(read_blocks([probe.collect()]), snap)
+        >>> snap.get("gate_saturated_frac", "") > 0.5
+        True
+    """
+
+    PRODUCES = ("gate_saturated_frac",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handles: list[RemovableHandle] = []
+        self._modules: list[tuple[str, nn.RNNBase]] = []
+
+    def start(self, cadence: Cadence, device: torch.device, model: nn.Module) -> None:
+        self.cadence = cadence
+        self.disarm()
+        self._modules = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN))
+            and module.num_layers == 1
+            and getattr(module, "proj_size", 0) == 0
+            and getattr(module, "nonlinearity", "tanh") == "tanh"
+            and not hasattr(module, "parametrizations")
+            and isinstance(getattr(module, "weight_ih_l0", None), nn.Parameter)
+            and local_tensor(module.weight_ih_l0) is module.weight_ih_l0
+        ]
+        self.state.clear()
+        if self._modules:
+            self.state.declare("sums", (len(self._modules), 2), reduce="sum")  # saturated, counted
+            self.state.allocate(device)
+
+    def arm(self) -> None:
+        """Hook the recurrent modules for this batch (logging batches only)."""
+        self.disarm()
+        if self.state.allocated:
+            self._handles = [module.register_forward_hook(self._hook(i)) for i, (_, module) in enumerate(self._modules)]
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, index: int):
+        def hook(module: nn.RNNBase, args: Any, output: Any) -> None:
+            self.disarm_one(index)
+            try:
+                with torch.no_grad():
+                    counts = _gate_saturation(module, args, output)
+            except Exception:  # a shape this probe does not know: measure nothing rather than break training
+                return
+            if counts is not None:
+                row = self.state["sums"][index]
+                row.add_(counts.to(device=row.device, dtype=row.dtype))
+
+        return hook
+
+    def disarm_one(self, index: int) -> None:
+        # one call per logging batch is enough (a module called again in the batch is not re-measured)
+        if index < len(self._handles):
+            self._handles[index].remove()
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        sums = self._values(values, "sums")
+        if not sums:
+            return
+        rows = sums if isinstance(sums[0], (list, tuple)) else list(zip(sums[0::2], sums[1::2]))  # (modules, 2)
+        for (name, _), (saturated, counted) in zip(self._modules, rows):
+            if counted > 0:
+                snapshot.put("gate_saturated_frac", saturated / counted, name)
+
+
+def _gate_saturation(module: nn.RNNBase, args: Any, output: Any) -> Tensor | None:
+    """``(saturated, counted)`` gate pre-activations of ``module``'s first layer, forward direction."""
+    x = args[0] if args else None
+    out = output[0] if isinstance(output, tuple) else output
+    if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not x.is_floating_point():
+        return None  # PackedSequence, or something else
+    if x.dim() == 2:  # unbatched (T, F)
+        x, out = x.unsqueeze(1), out.unsqueeze(1)
+    elif module.batch_first:
+        x, out = x.transpose(0, 1), out.transpose(0, 1)  # (T, N, ...)
+    hidden = module.hidden_size
+    h_seq = out[..., :hidden]  # forward direction
+    hx = args[1] if len(args) > 1 else None
+    if isinstance(hx, tuple):
+        hx = hx[0]
+    h0 = hx.reshape(-1, *h_seq.shape[1:])[0] if isinstance(hx, Tensor) else torch.zeros_like(h_seq[0])
+    h_prev = torch.cat([h0.unsqueeze(0).to(h_seq.dtype), h_seq[:-1]], dim=0)  # the state each step starts from
+    w_ih, w_hh = module.weight_ih_l0, module.weight_hh_l0
+    gi = x.to(w_ih.dtype) @ w_ih.t()
+    gh = h_prev.to(w_hh.dtype) @ w_hh.t()
+    if module.bias:
+        gi, gh = gi + module.bias_ih_l0, gh + module.bias_hh_l0
+    if isinstance(module, nn.LSTM):  # gates i, f, g, o: sigmoid, sigmoid, tanh, sigmoid
+        z = (gi + gh).unflatten(-1, (4, hidden))
+        bound = z.new_tensor([SIGMOID_SATURATION, SIGMOID_SATURATION, TANH_SATURATION, SIGMOID_SATURATION])
+        saturated = (z.abs() >= bound[:, None]).sum()
+    elif isinstance(module, nn.GRU):  # gates r, z (sigmoid), n = tanh(x W_in + r * (h W_hn))
+        ir, iz, in_ = gi.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r = torch.sigmoid(ir + hr)
+        saturated = (
+            ((ir + hr).abs() >= SIGMOID_SATURATION).sum()
+            + ((iz + hz).abs() >= SIGMOID_SATURATION).sum()
+            + ((in_ + r * hn).abs() >= TANH_SATURATION).sum()
+        )
+        z = gi
+    else:  # nn.RNN, tanh
+        z = gi + gh
+        saturated = (z.abs() >= TANH_SATURATION).sum()
+    saturated = saturated.to(torch.float64)
+    return torch.stack([saturated, saturated.new_tensor(float(z.numel()))])  # numel: a host number, no sync

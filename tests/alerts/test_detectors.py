@@ -411,3 +411,82 @@ def test_a_frozen_layer_in_front_of_trainable_ones_warns_when_the_loss_does_not_
     head.fc2.requires_grad_(False)
     behind, _ = codes(tmp_path / "behind", head, steps=60, settings=settings)
     assert "frozen_layers" not in behind
+
+
+# ---------------------------------------------------------------------- inside recurrent modules
+def _naive_gate_saturation(module, x):
+    """Saturated / counted first-layer gate pre-activations, by a plain per-step loop (time-major ``x``)."""
+    from lightning_watch.alerts.probes import SIGMOID_SATURATION as SIG
+    from lightning_watch.alerts.probes import TANH_SATURATION as TANH
+
+    hidden = module.hidden_size
+    h = torch.zeros(x.shape[1], hidden)
+    c = torch.zeros_like(h)
+    w_ih, w_hh, b_ih, b_hh = module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0
+    saturated = counted = 0
+    for t in range(x.shape[0]):
+        gi, gh = x[t] @ w_ih.t() + b_ih, h @ w_hh.t() + b_hh
+        if isinstance(module, nn.LSTM):
+            i, f, g, o = (gi + gh).chunk(4, dim=1)
+            saturated += sum(int((v.abs() >= SIG).sum()) for v in (i, f, o)) + int((g.abs() >= TANH).sum())
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        else:  # GRU
+            ir, iz, in_ = gi.chunk(3, dim=1)
+            hr, hz, hn = gh.chunk(3, dim=1)
+            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+            n = torch.tanh(in_ + r * hn)
+            saturated += int(((ir + hr).abs() >= SIG).sum() + ((iz + hz).abs() >= SIG).sum())
+            saturated += int(((in_ + r * hn).abs() >= TANH).sum())
+            h = (1 - z) * n + z * h
+        counted += gi.numel()
+    return saturated, counted
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_gate_saturation_is_recomputed_exactly(kind, batch_first):
+    from lightning_watch.alerts.probes import _gate_saturation
+
+    torch.manual_seed(0)
+    module = kind(3, 5, batch_first=batch_first)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(6)  # some gates saturated, some not
+    x = torch.randn(7, 4, 3)
+    given = x.transpose(0, 1) if batch_first else x
+    with torch.no_grad():
+        counts = _gate_saturation(module, (given,), module(given))
+        expected = _naive_gate_saturation(module, x)
+    assert counts.tolist() == [float(v) for v in expected] and 0 < expected[0] < expected[1]
+
+
+class SequenceClassifier(pl.LightningModule):
+    """An LSTM over (N, T, F) sequences; the class is the channel with the largest sum over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.out = nn.LSTM(FEATURES, 16, batch_first=True), nn.Linear(16, CLASSES)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.lstm(x)[0][:, -1]
+        return nn.functional.cross_entropy(self.out(h), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def sequences(scale: float, n: int = 256) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 6, FEATURES, generator=g)
+    return TensorDataset(x * scale, x.sum(dim=1)[:, :CLASSES].argmax(dim=1))
+
+
+def test_raw_scale_sequences_saturate_an_lstms_gates(tmp_path):
+    sick, _ = codes(tmp_path / "sick", SequenceClassifier(), sequences(scale=50.0), steps=30)
+    alert = sick["saturated_gates"]
+    assert alert.module == "lstm" and alert.value > 0.5
+    healthy, trainer = codes(tmp_path / "healthy", SequenceClassifier(), sequences(scale=1.0), steps=30)
+    assert "saturated_gates" not in healthy
+    assert read_scalars(trainer.log_dir)["watch/gate_saturated_frac/lstm"][-1][1] < 0.1
