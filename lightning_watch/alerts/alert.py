@@ -44,6 +44,7 @@ class AlertCode(str, Enum):
     EXTREME_DROPOUT = "extreme_dropout"
     FROZEN_LAYERS = "frozen_layers"
     SATURATED_GATES = "saturated_gates"
+    TRAIN_VAL_INPUT_SHIFT = "train_val_input_shift"
     FROZEN_PARAMETERS = "frozen_parameters"
     FRAMEWORK_WARNING = "framework_warning"
 

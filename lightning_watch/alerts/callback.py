@@ -33,6 +33,7 @@ from lightning_watch.alerts.probes import (
     OutputProbe,
     RecurrentGates,
     UnitSymmetry,
+    ValidationInputs,
 )
 from lightning_watch.alerts.registry import BUILTIN_RULES, required_metrics
 from lightning_watch.alerts.rules import Rule
@@ -123,6 +124,7 @@ class EarlyAlerts(CachedStateKey):
         self.hygiene, self.symmetry = GradientHygiene(), UnitSymmetry()
         self.trend, self.facts = LossTrend(), ModelFacts()  # the loss's slope; dropout rates, frozen layers
         self.gates = RecurrentGates()  # saturation inside nn.LSTM/GRU/RNN
+        self.val_inputs = ValidationInputs()  # the scale of the validation inputs, next to the training ones
         self.engine = AlertEngine(self.config, initial_loss=self.loss.current_initial_loss)
         self.stop_alert: Alert | None = None
         self._agreement = ActionAgreement()
@@ -194,7 +196,7 @@ class EarlyAlerts(CachedStateKey):
         flags = [self._flags] if self._flags is not None else []
         # the label probe after the output probe: it reads the number of classes the outputs tell
         probes = [self.inputs, self.outputs, self.labels, self.hygiene, self.symmetry, self.trend, self.facts]
-        probes.append(self.gates)
+        probes += [self.gates, self.val_inputs]
         return [self.loss, *probes, *flags]
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -216,6 +218,7 @@ class EarlyAlerts(CachedStateKey):
             self.trend: lambda: self.trend.start(self._cadence, device),
             self.facts: lambda: self.facts.start(self._cadence, device, pl_module),
             self.gates: lambda: self.gates.start(self._cadence, device, pl_module),
+            self.val_inputs: lambda: self.val_inputs.start(self._cadence, device),
         }
         self.facts.stop()
         for probe, start in starts.items():
@@ -241,6 +244,8 @@ class EarlyAlerts(CachedStateKey):
         self._sampled = self._cadence.is_sample_step(step)
         self._logging = self._cadence.is_log_step(step)
         self._backward_losses = []
+        if self.val_inputs.armed:  # the validation after the last epoch's batch is over
+            self.val_inputs.disarm()
         if self._sampled:
             self.labels.observe(batch)
         if self._logging:  # one batch per window tells the scale of inputs and outputs: the logging one
@@ -279,6 +284,8 @@ class EarlyAlerts(CachedStateKey):
         if self._logging:
             self.outputs.measure()
             self.gates.disarm()
+        if trainer.is_last_batch and not is_compiled(pl_module):  # once per epoch: the validation that follows
+            self.val_inputs.arm(pl_module)
         if self._warnings.listening and (
             self._warnings.seen or logging_step(trainer) + 1 >= self.config.settings["framework_warning"]["batches"]
         ):
@@ -351,6 +358,7 @@ class EarlyAlerts(CachedStateKey):
         self._warnings.stop()
         self.outputs.disarm()
         self.gates.disarm()
+        self.val_inputs.disarm()
         self.hygiene.stop()
         self.loss.stop()
 

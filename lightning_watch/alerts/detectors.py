@@ -31,8 +31,14 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "rectified_outputs": {"threshold": 0.5, "patience": 2},
     # units of a layer identical to each other (constant initialisation): relative spread below this
     "symmetric_units": {"threshold": 1e-6, "patience": 2},
-    # loss standard deviation within a window above this multiple of its mean (a batch of 1-2 samples)
-    "noisy_training": {"threshold": 1.0, "patience": 3},
+    # loss standard deviation within a window above this multiple of its mean (a batch of 1-2 samples);
+    # `small_threshold` when the logging batch's output has at most `small_batch` rows: per-sample losses
+    # of a healthy classifier vary by about their mean (the originals: 0.2 x sqrt(32) = 1.1), so at one
+    # or two samples a ratio above 0.5 is that noise, not a trend
+    "noisy_training": {"threshold": 1.0, "patience": 3, "small_batch": 2, "small_threshold": 0.5},
+    # training and validation inputs on different scales: standard deviations a factor > 1.5 apart, or
+    # means more than one standard deviation apart (flips, crops and colour jitter stay well inside)
+    "train_val_input_shift": {"threshold": 1.5, "mean_shift": 1.0, "min_batch": 8},
     # the rarest class below a fifth of a balanced share, over at least 20 labels per class
     "label_imbalance": {"threshold": 0.2, "min_per_class": 20},
     # at the end of fit: the loss fell by more than this share over the last two windows (and is
@@ -139,14 +145,18 @@ def unnormalized_inputs(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]
         )
 
 
-@detector("noisy_training", requires=("loss", "loss_std"))
+@detector("noisy_training", requires=("loss", "loss_std", "output_rows"))
 def noisy_training(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
     """The loss varies within each window far more than its mean (tiny batches, very high dropout)."""
     s = ctx.settings["noisy_training"]
 
+    def bound(h: Snapshot) -> float:
+        tiny = h.get("output_rows", default=math.inf) <= s["small_batch"]
+        return s["small_threshold"] if tiny else s["threshold"]
+
     def noisy(h: Snapshot) -> bool:
         mean, std, low = h.get("loss"), h.get("loss_std"), h.get("loss_min")
-        return mean > 0 and low >= 0 and std > s["threshold"] * mean
+        return mean > 0 and low >= 0 and std > bound(h) * mean
 
     if _held(ctx, snapshot, s["patience"], noisy):
         ratio = snapshot.get("loss_std") / snapshot.get("loss")
@@ -155,7 +165,7 @@ def noisy_training(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
             snapshot,
             None,
             ratio,
-            s["threshold"],
+            bound(snapshot),
             f"The training loss varies from step to step by {ratio:.2g}x its mean, window after window: each "
             "step's gradient is mostly noise.",
             "Use a larger batch (or accumulate gradients: `Trainer(accumulate_grad_batches=8)`), lower the learning "
@@ -180,6 +190,36 @@ def label_imbalance(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
         f"{share:.2f}x its share if the classes were balanced: the model can ignore it and still score well.",
         "If this is not the real class balance, check how the training set was built (filtering, sampling); "
         "otherwise weight the loss (`CrossEntropyLoss(weight=...)`) or resample (`WeightedRandomSampler`).",
+    )
+
+
+_SPLIT_SCALES = ("input_mean", "input_std", "val_input_mean", "val_input_std", "output_rows")
+
+
+@detector("train_val_input_shift", requires=_SPLIT_SCALES)
+def train_val_input_shift(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
+    """Training and validation inputs are on different scales (preprocessing or noise applied to one split)."""
+    s = ctx.settings["train_val_input_shift"]
+    mean, std = snapshot.get("input_mean"), snapshot.get("input_std")
+    val_mean, val_std = snapshot.get("val_input_mean"), snapshot.get("val_input_std")
+    if not all(math.isfinite(v) for v in (mean, std, val_mean, val_std)) or min(std, val_std) <= 0:
+        return
+    if snapshot.get("output_rows", default=math.inf) < s["min_batch"]:
+        return  # the spread of one or two training samples says little about the training set's
+    ratio = max(std / val_std, val_std / std)
+    shift = abs(mean - val_mean) / max(std, val_std)
+    if not (ratio > s["threshold"] or shift > s["mean_shift"]):
+        return
+    yield ctx.alert(
+        "train_val_input_shift",
+        snapshot,
+        None,
+        ratio,
+        s["threshold"],
+        f"The training inputs (mean {mean:.3g}, std {std:.3g}) and the validation inputs (mean {val_mean:.3g}, std "
+        f"{val_std:.3g}) are on different scales: the model learns on one distribution and is judged on another.",
+        "Apply the same preprocessing (normalization, scaling, tokenization) to both splits, computed from the "
+        "training set; if noise or augmentation is added to the training inputs on purpose, lower its strength.",
     )
 
 
@@ -516,6 +556,7 @@ DETECTORS: tuple[Rule, ...] = (
     unnormalized_inputs,
     label_imbalance,
     noisy_training,
+    train_val_input_shift,
     chance_level_loss,
     rectified_outputs,
     symmetric_units,

@@ -157,10 +157,11 @@ class OutputProbe(_Probe):
 
     Logged Metrics:
         ``watch.global/output_zero_frac``, ``watch.global/output_prob_rows``, ``watch.global/output_classes``,
-        ``watch.global/output_width`` (the output's last dimension, also when it is 1: a regression head).
+        ``watch.global/output_width`` (the output's last dimension, also when it is 1: a regression head),
+        ``watch.global/output_rows`` (rows of the measured output, ``(N, C)``: the batch size).
     """
 
-    PRODUCES = ("output_zero_frac", "output_prob_rows", "output_classes", "output_width")
+    PRODUCES = ("output_zero_frac", "output_prob_rows", "output_classes", "output_width", "output_rows")
 
     def __init__(self) -> None:
         super().__init__()
@@ -227,6 +228,7 @@ class OutputProbe(_Probe):
         snapshot.put("output_zero_frac", zeros / counts[0])
         snapshot.put("output_prob_rows", prob_rows / counts[1])
         snapshot.put("output_classes", float(self._classes))
+        snapshot.put("output_rows", counts[1])
 
 
 class GradientHygiene(_Probe):
@@ -636,3 +638,70 @@ def _gate_saturation(module: nn.RNNBase, args: Any, output: Any) -> Tensor | Non
         saturated = (z.abs() >= TANH_SATURATION).sum()
     saturated = saturated.to(torch.float64)
     return torch.stack([saturated, saturated.new_tensor(float(z.numel()))])  # numel: a host number, no sync
+
+
+class ValidationInputs(_Probe):
+    """Scale of the validation inputs (the first validation batch after each training epoch), next to the training ones.
+
+    Armed at the end of an epoch's last training batch, it takes the first float tensor of the
+    first eval-mode forward call (the model's, or a top-level child's when ``validation_step``
+    calls ``self.net(x)``) and disarms itself; it is removed at the next training batch in any
+    case. So no training step pays anything, and the statistics (device sums, no sync) are read
+    in the next logging step's one read. They are kept until the next validation.
+
+    Logged Metrics:
+        ``watch.global/val_input_mean``, ``watch.global/val_input_std``.
+    """
+
+    PRODUCES = ("val_input_mean", "val_input_std")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handles: list[RemovableHandle] = []
+
+    def start(self, cadence: Cadence, device: torch.device) -> None:
+        self.cadence = cadence
+        self.disarm()
+        self.state.clear()
+        self.state.declare("sums", (3,), reduce="sum")  # count, sum, sum of squares of the latest batch
+        self.state.allocate(device)
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self, model: nn.Module) -> None:
+        """Watch the next eval-mode forward (the validation that follows the epoch's last batch)."""
+        self.disarm()
+        if self.state.allocated:
+            self._handles = [m.register_forward_pre_hook(self._hook) for m in (model, *model.children())]
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, module: nn.Module, args: Any) -> None:
+        if module.training:
+            return  # a training-mode call (a callback's own forward): not validation
+        x = first_float_tensor(args)
+        if x is None:
+            return
+        self.disarm()
+        x = local_tensor(x).detach()
+        dtype = reduction_dtype([x])
+        sums = self.state["sums"]
+        row = torch.stack([x.new_tensor(float(x.numel()), dtype=dtype), x.sum(dtype=dtype), sum_of_squares(x, dtype)])
+        sums.copy_(row.to(sums.dtype))
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        sums = self._values(values, "sums")
+        if not sums or not sums[0]:
+            return
+        count, total, squares = sums
+        mean = total / count
+        snapshot.put("val_input_mean", mean)
+        snapshot.put("val_input_std", max(squares / count - mean * mean, 0.0) ** 0.5)
+
+    def reset(self) -> None:
+        pass  # the latest validation's statistics stand until the next validation

@@ -239,7 +239,9 @@ def test_classes_that_are_nearly_absent_are_label_imbalance(tmp_path):
 
 def test_a_probe_runs_only_for_enabled_detectors_that_require_it(tmp_path):
     _, on = codes(tmp_path / "on", Classifier(), steps=20)
-    _, off = codes(tmp_path / "off", Classifier(), steps=20, settings={"unnormalized_inputs": False})
+    # both detectors that read the training inputs' scale switched off
+    off_settings = {"unnormalized_inputs": False, "train_val_input_shift": False}
+    _, off = codes(tmp_path / "off", Classifier(), steps=20, settings=off_settings)
     assert "watch/global/input_mean" in read_scalars(on.log_dir)
     logged = read_scalars(off.log_dir)
     assert "watch/global/input_mean" not in logged and "watch/global/loss" in logged  # the rest still runs
@@ -490,3 +492,39 @@ def test_raw_scale_sequences_saturate_an_lstms_gates(tmp_path):
     healthy, trainer = codes(tmp_path / "healthy", SequenceClassifier(), sequences(scale=1.0), steps=30)
     assert "saturated_gates" not in healthy
     assert read_scalars(trainer.log_dir)["watch/gate_saturated_frac/lstm"][-1][1] < 0.1
+
+
+# ---------------------------------------------------------------------- training against validation inputs
+class ValidatedClassifier(Classifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+
+def test_noise_on_the_training_inputs_only_is_a_train_val_input_shift(tmp_path):
+    clean = blobs()
+    x, y = clean.tensors
+    noisy = TensorDataset(x + 2.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1)), y)
+    watch = Watch(log_every_n_steps=10, report=False, pictures=False)
+    trainer = make_trainer(tmp_path / "sick", [watch], max_epochs=3, log_every_n_steps=10)
+    val = DataLoader(clean, batch_size=64)
+    quiet_fit(trainer, ValidatedClassifier(), loader(noisy), val, seed=0)
+    alert = {a.code: a for a in watch.alerts}["train_val_input_shift"]
+    logged = read_scalars(trainer.log_dir)
+    # the logged validation std is the first validation batch's, computed here independently
+    first_val = clean.tensors[0][:64]
+    assert logged["watch/global/val_input_std"][-1][1] == pytest.approx(first_val.std(unbiased=False).item(), rel=1e-4)
+    assert alert.value > 1.5 and alert.step > 7  # after the first validation (8 batches per epoch)
+    # the same clean data for both splits: nothing to say
+    watch = Watch(log_every_n_steps=10, report=False, pictures=False)
+    trainer = make_trainer(tmp_path / "healthy", [watch], max_epochs=3, log_every_n_steps=10)
+    quiet_fit(trainer, ValidatedClassifier(), loader(clean), val, seed=0)
+    assert "train_val_input_shift" not in {a.code for a in watch.alerts}
+    assert "watch/global/val_input_std" in read_scalars(trainer.log_dir)
+
+
+def test_batches_of_one_are_noisy_at_a_lower_bound(tmp_path):
+    # lr 0.05 and batch 1: per-sample losses vary by about their mean, below the general bound of 1
+    sick, trainer = codes(tmp_path / "sick", Classifier(lr=0.05), steps=200, every=40, batch_size=1)
+    assert sick["noisy_training"].threshold == 0.5
+    assert read_scalars(trainer.log_dir)["watch/global/output_rows"][0][1] == 1.0
