@@ -190,7 +190,15 @@ def label_imbalance(snapshot: Snapshot, ctx: RuleContext) -> Iterable[Alert]:
     """Some class is far rarer among the training labels than a balanced share (sampled batches)."""
     s = ctx.settings["label_imbalance"]
     share, classes = snapshot.get("label_rarest_share"), snapshot.get("label_classes")
-    if not snapshot.get("label_count", default=0.0) >= s["min_per_class"] * classes or not share < s["threshold"]:
+    count = snapshot.get("label_count", default=0.0)
+    # the output's last dimension counts the classes only for a C-way cross-entropy classifier, whose loss
+    # starts near ln C (chance_level_loss's test); otherwise (a VAE's 64 pixels for 10 digits) the labels do
+    tolerance, initial = ctx.setting("chance_level_loss", "start_tolerance"), ctx.initial_loss
+    chance = math.log(classes) if classes >= 2 else math.nan
+    if not (math.isfinite(initial) and abs(initial - chance) <= tolerance * chance):
+        share, classes = snapshot.get("label_rarest_share_seen"), snapshot.get("label_classes_seen")
+        count = snapshot.get("label_count_seen", default=0.0)
+    if not count >= s["min_per_class"] * classes or not share < s["threshold"]:
         return
     yield ctx.alert(
         "label_imbalance",

@@ -107,10 +107,17 @@ class LabelProbe(_Probe):
     Logged Metrics:
         ``watch.global/label_rarest_share`` (the rarest class's share of the labels over its share if
         all classes were equally frequent; 1 is balanced), ``watch.global/label_classes``,
-        ``watch.global/label_count``.
+        ``watch.global/label_count``; the same with the suffix ``_seen`` over 1 + the largest label seen.
     """
 
-    PRODUCES = ("label_rarest_share", "label_classes", "label_count")
+    PRODUCES = (
+        "label_rarest_share",
+        "label_classes",
+        "label_count",
+        "label_rarest_share_seen",
+        "label_classes_seen",
+        "label_count_seen",
+    )
 
     MAX_CLASSES = 1024
 
@@ -134,15 +141,17 @@ class LabelProbe(_Probe):
         counts = self._values(values, "counts")
         if not counts:
             return
-        classes = int(snapshot.get("output_classes", default=0.0)) or 1 + max(
-            (i for i, c in enumerate(counts) if c > 0), default=-1
-        )
-        total = sum(counts[:classes])
-        if classes < 2 or classes >= self.MAX_CLASSES or not total:
-            return
-        snapshot.put("label_rarest_share", min(counts[:classes]) / total * classes)
-        snapshot.put("label_classes", float(classes))
-        snapshot.put("label_count", total)
+        # two class counts: the output's last dimension (a C-way classifier's) and 1 + the largest label
+        # seen; the detector decides which applies (a VAE's 64 outputs are pixels, not 64 classes)
+        seen = 1 + max((i for i, c in enumerate(counts) if c > 0), default=-1)
+        outputs = int(snapshot.get("output_classes", default=0.0))
+        for suffix, classes in (("", outputs or seen), ("_seen", seen)):
+            total = sum(counts[:classes])
+            if classes < 2 or classes >= self.MAX_CLASSES or not total:
+                continue
+            snapshot.put("label_rarest_share" + suffix, min(counts[:classes]) / total * classes)
+            snapshot.put("label_classes" + suffix, float(classes))
+            snapshot.put("label_count" + suffix, total)
 
     def reset(self) -> None:
         pass  # the histogram covers the whole fit
@@ -234,10 +243,13 @@ class OutputProbe(_Probe):
 class GradientHygiene(_Probe):
     """Two invariants of the gradients the optimizers step.
 
-    - **Zeroed before backward**: after an ``optimizer.step()``, the next backward must start from
-      zeroed (or ``None``) gradients, else gradients pile up across steps (a forgotten
-      ``optimizer.zero_grad()`` under manual optimization). Checked on sampled steps: ``None``
-      gradients are known on the host for free; otherwise one fused norm, kept on the device.
+    - **Zeroed between two steps** (TrainCheck's invariant, per optimizer): between two
+      steps of an optimizer, its gradients must be zero (or ``None``) at some backward,
+      else they pile up across steps (a forgotten ``optimizer.zero_grad()`` under manual
+      optimization). Per optimizer, so a GAN's discriminator, whose gradients are still there
+      when the generator backpropagates through it and are zeroed before its own backward, is
+      clean. Checked on sampled steps: ``None`` gradients are known on the host for free;
+      otherwise one fused norm per optimizer, kept on the device.
     - **Every parameter gets a gradient**: at the logging step, parameters an optimizer holds
       that require a gradient but have none (``None``, or exactly zero) are cut off from the loss
       (a ``.detach()`` in ``forward``, an unused layer).
@@ -257,6 +269,9 @@ class GradientHygiene(_Probe):
         self._stepped = False
         self._modules: list[tuple[str, list[nn.Parameter]]] = []
         self._missing: dict[str, float] = {}  # module -> 1.0, this window (host knowledge)
+        self._clean: dict[int, Any] = {}
+        self._observed: dict[int, bool] = {}
+        self._sampled_now = False
 
     def start(self, cadence: Cadence, device: torch.device, model: nn.Module, optimizers: Sequence[Optimizer]) -> None:
         self.cadence = cadence
@@ -266,6 +281,7 @@ class GradientHygiene(_Probe):
         self.state.allocate(device)
         self.stop()
         self._handles = [opt.register_step_post_hook(self._after_step) for opt in optimizers]
+        self._handles += [opt.register_step_pre_hook(self._before_step) for opt in optimizers]
         self._optimizers = list(optimizers)
         self._owner = {id(p): name for name, module in model.named_modules() for p in module.parameters(recurse=False)}
 
@@ -275,25 +291,49 @@ class GradientHygiene(_Probe):
         self._handles = []
         self._optimizers = []
         self._stepped = False
+        # per optimizer (by id): zeroed at a sampled backward since its last step (a device bool), and
+        # whether a sampled backward was seen since that step
+        self._clean: dict[int, Any] = {}
+        self._observed: dict[int, bool] = {}
+        self._sampled_now = False
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._stepped = True
+        self._clean[id(optimizer)] = None
+        self._observed[id(optimizer)] = False
+
+    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        # a sampled step of an optimizer that stepped before: were its gradients ever zero in between?
+        if not self._sampled_now or not self._observed.get(id(optimizer)) or not self.state.allocated:
+            return
+        stale = self.state["stale"]
+        dirty = (~self._clean[id(optimizer)]).to(device=stale.device, dtype=stale.dtype)
+        torch.maximum(stale, dirty, out=stale)
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for opt in self._optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad]
 
     def before_backward(self, sampled: bool) -> None:
-        """Lightning is about to backpropagate; check the previous step's gradients were zeroed."""
-        if not self._stepped:
-            return  # accumulation within a step, or the first backward: gradients may be there
-        self._stepped = False
+        """Lightning is about to backpropagate: note, per optimizer that stepped, whether its gradients are zero."""
+        self._sampled_now = sampled
         if not sampled or not self.state.allocated:
             return
-        grads = [p.grad for p in self._trainable() if p.grad is not None]
-        if not grads:
-            return  # zeroed with set_to_none (the default): known on the host, no kernel
-        stale = torch.stack(l2_norms([local_tensor(g) for g in grads])).amax() > 0
-        torch.maximum(self.state["stale"], stale.to(self.state["stale"].dtype), out=self.state["stale"])
+        for opt in self._optimizers:
+            if id(opt) not in self._observed:
+                continue  # never stepped: its first gradients may be there (accumulation)
+            grads = [
+                local_tensor(p.grad)
+                for g in opt.param_groups
+                for p in g["params"]
+                if p.requires_grad and p.grad is not None
+            ]
+            if grads:
+                clean = torch.stack(l2_norms(grads)).amax() == 0
+            else:  # zeroed with set_to_none (the default): known on the host, no kernel
+                clean = torch.ones((), dtype=torch.bool, device=self.state["stale"].device)
+            previous = self._clean.get(id(opt))
+            self._clean[id(opt)] = clean if previous is None else previous | clean.to(previous.device)
+            self._observed[id(opt)] = True
 
     def before_optimizer_step(self, optimizer: Optimizer) -> None:
         """On the logging step: which trainable parameters of ``optimizer`` got no gradient."""
