@@ -377,7 +377,8 @@ def end_pace(snapshot: Snapshot, ctx: RuleContext) -> tuple[float, float, float]
         end_step = last_step
         # a straight line through a convex curve overshoots its end: never below the lowest loss seen
         end_loss = max(mean + slope * (last_step - mids[0]), only.get("loss_min", default=-math.inf))
-        # the window's step-to-step spread (trend included) stands for noise: a strict bound on few points
+        # few points: the fall over the window must exceed the window's whole step-to-step spread
+        # (trend included), i.e. 3 x a third of it
         fall, noise = -slope * (last_step - first), only.get("loss_std", default=0.0) / 3
     if not fall > 3 * noise or end_step <= _INITIAL_MID:
         return None

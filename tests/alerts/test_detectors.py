@@ -528,3 +528,64 @@ def test_batches_of_one_are_noisy_at_a_lower_bound(tmp_path):
     sick, trainer = codes(tmp_path / "sick", Classifier(lr=0.05), steps=200, every=40, batch_size=1)
     assert sick["noisy_training"].threshold == 0.5
     assert read_scalars(trainer.log_dir)["watch/global/output_rows"][0][1] == 1.0
+
+
+# ---------------------------------------------------------------------- two optimizers; labels that are not classes
+class TwoOptimizers(pl.LightningModule):
+    """A GAN's pattern: D steps, then G backpropagates through D; ``zero_d`` zeroes D before its own backward."""
+
+    def __init__(self, zero_d: bool):
+        super().__init__()
+        self.automatic_optimization = False
+        self.g, self.d = nn.Linear(4, FEATURES), nn.Linear(FEATURES, 1)
+        self.zero_d = zero_d
+
+    def training_step(self, batch, batch_idx):
+        opt_g, opt_d = self.optimizers()
+        x, _ = batch
+        fake = self.g(torch.randn(x.shape[0], 4))
+        if self.zero_d:
+            opt_d.zero_grad()
+        self.manual_backward(self.d(x).mean() - self.d(fake.detach()).mean())
+        opt_d.step()
+        opt_g.zero_grad()
+        self.manual_backward(self.d(fake).mean())  # D's gradients grow here too: legitimate
+        opt_g.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.g.parameters(), lr=1e-3), torch.optim.SGD(self.d.parameters(), lr=1e-3)
+
+
+def test_gradients_are_judged_per_optimizer_between_its_own_steps(tmp_path):
+    healthy, _ = codes(tmp_path / "healthy", TwoOptimizers(zero_d=True), steps=40)
+    assert "gradients_not_zeroed" not in healthy
+    sick, _ = codes(tmp_path / "sick", TwoOptimizers(zero_d=False), steps=40)
+    assert sick["gradients_not_zeroed"].severity == "error"
+
+
+class Autoencoder(pl.LightningModule):
+    """64 outputs that are pixels, not classes; the batch also carries digit labels 0..9 (balanced)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 64))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        return nn.functional.mse_loss(self(x), x, reduction="sum")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_outputs_that_are_not_classes_do_not_count_the_classes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    digits = TensorDataset(torch.randn(640, 64, generator=g), torch.arange(640) % 10)
+    healthy, trainer = codes(tmp_path / "healthy", Autoencoder(), digits, steps=40)
+    assert "label_imbalance" not in healthy
+    logged = read_scalars(trainer.log_dir)
+    assert logged["watch/global/label_classes_seen"][-1][1] == 10.0  # 1 + the largest label
+    assert logged["watch/global/label_rarest_share_seen"][-1][1] > 0.5
