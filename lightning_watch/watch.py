@@ -280,7 +280,15 @@ class Watch(CachedStateKey):
             self._shown = count
             pl_module.log_dict(progress_bar_metrics(self.alerts), prog_bar=True, logger=False, rank_zero_only=True)
 
-    # ------------------------------------------------------------------ validation (monitors that measure it)
+    # ------------------------------------------------------------ validation (monitors and probes that measure it)
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.early_alerts is not None:
+            self.early_alerts.validation_start(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.early_alerts is not None:
+            self.early_alerts.validation_end()
+
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bundle.call("on_validation_epoch_start", trainer, pl_module)
 

@@ -20,8 +20,20 @@ ALARM = ("warning", "error")
 #: names the operators used before the detectors existed -> the codes lightning_watch raises, and codes
 #: that also name an operator's cause. Scoring only: editing operators.py would invalidate the cached
 #: ground truth, which does not depend on what counts as a cause.
-CAUSE_ALIASES = {"loss_at_chance": ("chance_level_loss",), "frozen_layers": ("frozen_parameters",)}
-EXTRA_CAUSES = {"relu_logits": ("rectified_outputs",), "softmax_logits": ("chance_level_loss",)}
+CAUSE_ALIASES = {
+    "loss_at_chance": ("chance_level_loss",),
+    "frozen_layers": ("frozen_parameters",),
+    # saturation inside a recurrent module is saturated units, where no output hook looks
+    "saturated_units": ("saturated_gates",),
+}
+EXTRA_CAUSES = {
+    "relu_logits": ("rectified_outputs",),
+    "softmax_logits": ("chance_level_loss", "probability_outputs"),
+    # MSE on class indices: the one-column output regressing integer labels is the fault itself
+    "LCH": ("regression_on_class_indices",),
+    "mse_broadcast": ("regression_on_class_indices",),
+    "HDB": ("extreme_dropout",),
+}
 
 
 def causes_of(op) -> tuple[str, ...]:

@@ -39,6 +39,12 @@ class AlertCode(str, Enum):
     RECTIFIED_OUTPUTS = "rectified_outputs"
     SYMMETRIC_UNITS = "symmetric_units"
     STILL_IMPROVING = "still_improving"
+    REGRESSION_ON_CLASS_INDICES = "regression_on_class_indices"
+    PROBABILITY_OUTPUTS = "probability_outputs"
+    EXTREME_DROPOUT = "extreme_dropout"
+    FROZEN_LAYERS = "frozen_layers"
+    SATURATED_GATES = "saturated_gates"
+    TRAIN_VAL_INPUT_SHIFT = "train_val_input_shift"
     FROZEN_PARAMETERS = "frozen_parameters"
     FRAMEWORK_WARNING = "framework_warning"
 

@@ -24,7 +24,17 @@ from lightning_watch.alerts.engine import AlertEngine, Finding
 from lightning_watch.alerts.framework_warnings import FrameworkWarnings
 from lightning_watch.alerts.frozen import check_frozen
 from lightning_watch.alerts.loss import LossWindow, extract_loss
-from lightning_watch.alerts.probes import GradientHygiene, InputProbe, LabelProbe, OutputProbe, UnitSymmetry
+from lightning_watch.alerts.probes import (
+    GradientHygiene,
+    InputProbe,
+    LabelProbe,
+    LossTrend,
+    ModelFacts,
+    OutputProbe,
+    RecurrentGates,
+    UnitSymmetry,
+    ValidationInputs,
+)
 from lightning_watch.alerts.registry import BUILTIN_RULES, required_metrics
 from lightning_watch.alerts.rules import Rule
 from lightning_watch.alerts.sinks import AlertSinks, AlertWarning
@@ -113,6 +123,9 @@ class EarlyAlerts(CachedStateKey):
         # what the detectors read besides the monitors' statistics (lightning_watch/alerts/probes.py)
         self.inputs, self.outputs, self.labels = InputProbe(), OutputProbe(), LabelProbe()
         self.hygiene, self.symmetry = GradientHygiene(), UnitSymmetry()
+        self.trend, self.facts = LossTrend(), ModelFacts()  # the loss's slope; dropout rates, frozen layers
+        self.gates = RecurrentGates()  # saturation inside nn.LSTM/GRU/RNN
+        self.val_inputs = ValidationInputs()  # the scale of the validation inputs, next to the training ones
         self.engine = AlertEngine(self.config, initial_loss=self.loss.current_initial_loss)
         self.stop_alert: Alert | None = None
         self._agreement = ActionAgreement()
@@ -183,7 +196,9 @@ class EarlyAlerts(CachedStateKey):
         """What the hub reads for this engine: the loss window, the probes (and the DDP action flags)."""
         flags = [self._flags] if self._flags is not None else []
         # the label probe after the output probe: it reads the number of classes the outputs tell
-        return [self.loss, self.inputs, self.outputs, self.labels, self.hygiene, self.symmetry, *flags]
+        probes = [self.inputs, self.outputs, self.labels, self.hygiene, self.symmetry, self.trend, self.facts]
+        probes += [self.gates, self.val_inputs]
+        return [self.loss, *probes, *flags]
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The model is on its device (``on_fit_start``)."""
@@ -203,7 +218,12 @@ class EarlyAlerts(CachedStateKey):
             self.labels: lambda: self.labels.start(self._cadence, device),
             self.hygiene: lambda: self.hygiene.start(self._cadence, device, pl_module, trainer.optimizers),
             self.symmetry: lambda: self.symmetry.start(self._cadence, device, pl_module),
+            self.trend: lambda: self.trend.start(self._cadence, device),
+            self.facts: lambda: self.facts.start(self._cadence, device, pl_module),
+            self.gates: lambda: self.gates.start(self._cadence, device, pl_module),
+            self.val_inputs: lambda: self.val_inputs.start(self._cadence, device),
         }
+        self.facts.stop()
         for probe, start in starts.items():
             probe.state.clear()  # not allocated: a probe that does not start measures nothing
             if needed & set(probe.PRODUCES):
@@ -253,6 +273,7 @@ class EarlyAlerts(CachedStateKey):
             self.inputs.observe(batch)
             if not is_compiled(pl_module):  # new hooks would make torch.compile recompile
                 self.outputs.arm(pl_module)
+                self.gates.arm()
         if step < self._warning_batches and self.config.enabled("framework_warning"):
             self._warnings.listen()
         if not self._labels.done and self.config.enabled("unshuffled_data"):
@@ -272,8 +293,8 @@ class EarlyAlerts(CachedStateKey):
 
     def before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         """Lightning is about to backpropagate ``loss`` (both optimization modes)."""
-        if self._logging:  # its flag is read, and judged, on logging steps: checking one backward per window suffices
-            self.hygiene.before_backward()
+        # checked, and judged, on logging steps: one batch per window suffices for an invariant
+        self.hygiene.before_backward(self._logging)
         if not pl_module.automatic_optimization:
             self.record_backward(loss)
 
@@ -288,6 +309,8 @@ class EarlyAlerts(CachedStateKey):
     def end_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
         if self._logging:
             self.outputs.measure()
+            self.gates.disarm()
+        self.hygiene.end_batch()
         if self._warnings.listening and (self._warnings.seen or logging_step(trainer) + 1 >= self._warning_batches):
             self._warnings.stop()
             found = self._warnings.alerts(self.engine.context(), _now(trainer))
@@ -321,6 +344,8 @@ class EarlyAlerts(CachedStateKey):
             backward.clear()
         if loss is not None:
             self.loss.add(loss)
+            if fold:  # the loss's trend: sampled steps only, device ops, no sync
+                self.trend.observe(logging_step(trainer), loss.detach())
         if not (fold and self.loss.fold() and self.config.enabled("non_finite_loss")):
             return False
         alert = self.engine.context().alert(
@@ -336,6 +361,14 @@ class EarlyAlerts(CachedStateKey):
         )
         self._handle(trainer, self.engine.record([alert]))
         return True
+
+    def validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A validation run begins (not the sanity check): its first batch's inputs are measured."""
+        if not trainer.sanity_checking and not is_compiled(pl_module):
+            self.val_inputs.arm(pl_module)
+
+    def validation_end(self) -> None:
+        self.val_inputs.disarm()
 
     def on_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: Snapshot) -> None:
         """A publication of the hub: judge it, then act on what this read agreed."""
@@ -364,6 +397,8 @@ class EarlyAlerts(CachedStateKey):
             self._recorder = None
         self._warnings.stop()
         self.outputs.disarm()
+        self.gates.disarm()
+        self.val_inputs.disarm()
         self.hygiene.stop()
         self.loss.stop()
 
@@ -496,6 +531,14 @@ class EarlyAlerts(CachedStateKey):
         if stepped:
             self._hub.batch_end(self, trainer, pl_module)
             self._quiet.after(step, self._own.next_busy, self._hub.next_due, self.next_busy)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._passive:
+            self.validation_start(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._passive:
+            self.validation_end()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._passive:

@@ -107,10 +107,17 @@ class LabelProbe(_Probe):
     Logged Metrics:
         ``watch.global/label_rarest_share`` (the rarest class's share of the labels over its share if
         all classes were equally frequent; 1 is balanced), ``watch.global/label_classes``,
-        ``watch.global/label_count``.
+        ``watch.global/label_count``; the same with the suffix ``_seen`` over 1 + the largest label seen.
     """
 
-    PRODUCES = ("label_rarest_share", "label_classes", "label_count")
+    PRODUCES = (
+        "label_rarest_share",
+        "label_classes",
+        "label_count",
+        "label_rarest_share_seen",
+        "label_classes_seen",
+        "label_count_seen",
+    )
 
     MAX_CLASSES = 1024
 
@@ -134,15 +141,17 @@ class LabelProbe(_Probe):
         counts = self._values(values, "counts")
         if not counts:
             return
-        classes = int(snapshot.get("output_classes", default=0.0)) or 1 + max(
-            (i for i, c in enumerate(counts) if c > 0), default=-1
-        )
-        total = sum(counts[:classes])
-        if classes < 2 or classes >= self.MAX_CLASSES or not total:
-            return
-        snapshot.put("label_rarest_share", min(counts[:classes]) / total * classes)
-        snapshot.put("label_classes", float(classes))
-        snapshot.put("label_count", total)
+        # two class counts: the output's last dimension (a C-way classifier's) and 1 + the largest label
+        # seen; the detector decides which applies (a VAE's 64 outputs are pixels, not 64 classes)
+        seen = 1 + max((i for i, c in enumerate(counts) if c > 0), default=-1)
+        outputs = int(snapshot.get("output_classes", default=0.0))
+        for suffix, classes in (("", outputs or seen), ("_seen", seen)):
+            total = sum(counts[:classes])
+            if classes < 2 or classes >= self.MAX_CLASSES or not total:
+                continue
+            snapshot.put("label_rarest_share" + suffix, min(counts[:classes]) / total * classes)
+            snapshot.put("label_classes" + suffix, float(classes))
+            snapshot.put("label_count" + suffix, total)
 
     def reset(self) -> None:
         pass  # the histogram covers the whole fit
@@ -156,16 +165,19 @@ class OutputProbe(_Probe):
     loss that applies its own), and the size of the last dimension (the number of classes).
 
     Logged Metrics:
-        ``watch.global/output_zero_frac``, ``watch.global/output_prob_rows``, ``watch.global/output_classes``.
+        ``watch.global/output_zero_frac``, ``watch.global/output_prob_rows``, ``watch.global/output_classes``,
+        ``watch.global/output_width`` (the output's last dimension, also when it is 1: a regression head),
+        ``watch.global/output_rows`` (rows of the measured output, ``(N, C)``: the batch size).
     """
 
-    PRODUCES = ("output_zero_frac", "output_prob_rows", "output_classes")
+    PRODUCES = ("output_zero_frac", "output_prob_rows", "output_classes", "output_width", "output_rows")
 
     def __init__(self) -> None:
         super().__init__()
         self._handles: list[RemovableHandle] = []
         self._last: Tensor | None = None
         self._classes = 0
+        self._width = self._seen_width = 0  # last dimension of the output, also for one-column outputs
 
     def start(self, cadence: Cadence, device: torch.device) -> None:
         self.cadence = cadence
@@ -173,6 +185,7 @@ class OutputProbe(_Probe):
         self.state.declare("sums", (2,), reduce="sum")  # zeros, probability rows
         self.state.declare("count", (2,), reduce="sum", host=True)  # elements, rows
         self.state.allocate(device)
+        self._width = self._seen_width = 0
 
     def arm(self, model: nn.Module) -> None:
         """Watch this batch's forward: the output of the model, or of its last top-level child to finish.
@@ -191,13 +204,18 @@ class OutputProbe(_Probe):
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         y = primary_tensor(output)
-        if y is not None and y.is_floating_point() and y.dim() >= 2 and y.shape[-1] >= 2:
+        if y is None or not y.is_floating_point() or y.dim() < 1:
+            return
+        # the width of whatever finished last: 1 for a regression head, (N, 1) or (N,)
+        self._width = y.shape[-1] if y.dim() >= 2 else 1
+        if y.dim() >= 2 and y.shape[-1] >= 2:
             self._last = local_tensor(y).detach()
 
     def measure(self) -> None:
         """Measure the output kept by the hooks (the end of a logging batch)."""
         self.disarm()
         y, self._last = self._last, None
+        self._seen_width, self._width = self._width or self._seen_width, 0
         if y is None or not self.state.allocated:
             return
         rows = y.reshape(-1, y.shape[-1])
@@ -210,6 +228,8 @@ class OutputProbe(_Probe):
         self._classes = rows.shape[1]
 
     def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        if self._seen_width and self.state.allocated:
+            snapshot.put("output_width", float(self._seen_width))
         counts = self._values(values, "count") or [0, 0]
         if not counts[1]:
             return
@@ -217,15 +237,19 @@ class OutputProbe(_Probe):
         snapshot.put("output_zero_frac", zeros / counts[0])
         snapshot.put("output_prob_rows", prob_rows / counts[1])
         snapshot.put("output_classes", float(self._classes))
+        snapshot.put("output_rows", counts[1])
 
 
 class GradientHygiene(_Probe):
     """Two invariants of the gradients the optimizers step.
 
-    - **Zeroed before backward**: after an ``optimizer.step()``, the next backward must start from
-      zeroed (or ``None``) gradients, else gradients pile up across steps (a forgotten
-      ``optimizer.zero_grad()`` under manual optimization). Checked on logging steps: ``None``
-      gradients are known on the host for free; otherwise one fused norm, kept on the device.
+    - **Zeroed between two steps** (TrainCheck's invariant, per optimizer): between two
+      steps of an optimizer, its gradients must be zero (or ``None``) at some backward,
+      else they pile up across steps (a forgotten ``optimizer.zero_grad()`` under manual
+      optimization). Per optimizer, so a GAN's discriminator, whose gradients are still there
+      when the generator backpropagates through it and are zeroed before its own backward, is
+      clean. Checked on logging steps (where it is judged): ``None`` gradients are known on the
+      host for free; otherwise one fused norm per optimizer, kept on the device.
     - **Every parameter gets a gradient**: at the logging step, parameters an optimizer holds
       that require a gradient but have none (``None``, or exactly zero) are cut off from the loss
       (a ``.detach()`` in ``forward``, an unused layer).
@@ -245,6 +269,9 @@ class GradientHygiene(_Probe):
         self._stepped = False
         self._modules: list[tuple[str, list[nn.Parameter]]] = []
         self._missing: dict[str, float] = {}  # module -> 1.0, this window (host knowledge)
+        self._clean: dict[int, Any] = {}
+        self._observed: dict[int, bool] = {}
+        self._checked_now = False
 
     def start(self, cadence: Cadence, device: torch.device, model: nn.Module, optimizers: Sequence[Optimizer]) -> None:
         self.cadence = cadence
@@ -254,6 +281,7 @@ class GradientHygiene(_Probe):
         self.state.allocate(device)
         self.stop()
         self._handles = [opt.register_step_post_hook(self._after_step) for opt in optimizers]
+        self._handles += [opt.register_step_pre_hook(self._before_step) for opt in optimizers]
         self._optimizers = list(optimizers)
         self._owner = {id(p): name for name, module in model.named_modules() for p in module.parameters(recurse=False)}
 
@@ -263,30 +291,56 @@ class GradientHygiene(_Probe):
         self._handles = []
         self._optimizers = []
         self._stepped = False
+        # per optimizer (by id): zeroed at a checked backward since its last step (a device bool), and
+        # whether a checked backward was seen since that step
+        self._clean: dict[int, Any] = {}
+        self._observed: dict[int, bool] = {}
+        self._checked_now = False
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._stepped = True
+        self._clean[id(optimizer)] = None
+        self._observed[id(optimizer)] = False
+
+    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        # a checked step of an optimizer that stepped before: were its gradients ever zero in between?
+        if not self._checked_now or not self._observed.get(id(optimizer)) or not self.state.allocated:
+            return
+        stale = self.state["stale"]
+        dirty = (~self._clean[id(optimizer)]).to(device=stale.device, dtype=stale.dtype)
+        torch.maximum(stale, dirty, out=stale)
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for opt in self._optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad]
 
-    def before_backward(self) -> None:
-        """A logging step is about to backpropagate; check the previous step's gradients were zeroed.
+    def before_backward(self, checked: bool) -> None:
+        """Lightning is about to backpropagate: note, per optimizer that stepped, whether its gradients are zero.
 
-        Called on logging steps only (the flag is judged there): the flag set by the optimizer's
-        step stays up across the steps in between, so the first backward after an optimizer step
-        is the one checked.
+        ``checked``: whether this step is one the invariant is checked on (the logging step).
         """
-        if not self._stepped:
-            return  # accumulation within a step, or the first backward: gradients may be there
-        self._stepped = False
-        if not self.state.allocated:
+        self._checked_now = checked
+        if not checked or not self.state.allocated:
             return
-        grads = [p.grad for p in self._trainable() if p.grad is not None]
-        if not grads:
-            return  # zeroed with set_to_none (the default): known on the host, no kernel
-        stale = torch.stack(l2_norms([local_tensor(g) for g in grads])).amax() > 0
-        torch.maximum(self.state["stale"], stale.to(self.state["stale"].dtype), out=self.state["stale"])
+        for opt in self._optimizers:
+            if id(opt) not in self._observed:
+                continue  # never stepped: its first gradients may be there (accumulation)
+            grads = [
+                local_tensor(p.grad)
+                for g in opt.param_groups
+                for p in g["params"]
+                if p.requires_grad and p.grad is not None
+            ]
+            if grads:
+                clean = torch.stack(l2_norms(grads)).amax() == 0
+            else:  # zeroed with set_to_none (the default): known on the host, no kernel
+                clean = torch.ones((), dtype=torch.bool, device=self.state["stale"].device)
+            previous = self._clean.get(id(opt))
+            self._clean[id(opt)] = clean if previous is None else previous | clean.to(previous.device)
+            self._observed[id(opt)] = True
+
+    def end_batch(self) -> None:
+        """A checked batch is over: the optimizer steps of the quiet batches that follow are not judged."""
+        self._checked_now = False
 
     def before_optimizer_step(self, optimizer: Optimizer) -> None:
         """On the logging step: which trainable parameters of ``optimizer`` got no gradient."""
@@ -381,3 +435,320 @@ class UnitSymmetry(_Probe):
 
     def reset(self) -> None:
         pass  # measured afresh at each logging step
+
+
+class LossTrend(_Probe):
+    """The slope of the training loss within each logging window (least squares over sampled steps).
+
+    The window's mean loss says where the loss is; its slope says where it is going. A fit shorter
+    than two windows has no other trend. On sampled steps only: five sums on the device, no sync.
+
+    Logged Metrics:
+        ``watch.global/loss_slope`` (loss change per step), ``watch.global/loss_slope_points``
+        (sampled losses it was fitted on).
+
+    Example:
+        >>> trend = LossTrend(); trend.start(Cadence(log=10, sample=1), torch.device("cpu"))
+        >>> for step in range(10): trend.observe(step, torch.tensor(5.0 - 0.5 * step))
+        >>> from lightning_watch.stats import read_blocks
+        >>> snap = Snapshot(step=9, epoch=0); trend.finalize(read_blocks([trend.collect()]), snap)
+        >>> round(snap.get("loss_slope"), 6), snap.get("loss_slope_points")
+        (-0.5, 10.0)
+    """
+
+    PRODUCES = ("loss_slope", "loss_slope_points")
+
+    def start(self, cadence: Cadence, device: torch.device) -> None:
+        self.cadence = cadence
+        self.state.clear()
+        # n, sum t, sum t^2, sum L, sum tL, with t relative to the window's first sampled step (well conditioned)
+        self.state.declare("sums", (5,), reduce="sum", dtype=torch.float64)
+        self.state.allocate(device)
+        self._origin: int | None = None
+
+    def observe(self, step: int, loss: Tensor) -> None:
+        """A sampled step's loss (a finite scalar tensor; non-finite losses are the guard's business)."""
+        if not self.state.allocated:
+            return
+        if self._origin is None:
+            self._origin = step
+        sums = self.state["sums"]
+        value = local_tensor(loss).detach().reshape(()).to(device=sums.device, dtype=sums.dtype)
+        t = float(step - self._origin)
+        row = torch.stack([torch.ones_like(value), value.new_tensor(t), value.new_tensor(t * t), value, value * t])
+        sums.add_(torch.where(torch.isfinite(value), row, torch.zeros_like(row)))
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        sums = self._values(values, "sums")
+        if not sums:
+            return
+        n, st, stt, sl, stl = sums
+        spread = n * stt - st * st
+        if n >= 3 and spread > 0:
+            snapshot.put("loss_slope", (n * stl - st * sl) / spread)
+            snapshot.put("loss_slope_points", n)
+
+    def reset(self) -> None:
+        super().reset()
+        self._origin = None
+
+
+#: dropout layers, by their base classes (``nn.Dropout``, ``Dropout1d/2d/3d``, the alpha dropouts)
+_DROPOUT = (nn.modules.dropout._DropoutNd,)
+
+
+class ModelFacts(_Probe):
+    """Facts of the model's structure, restated in every snapshot: dropout rates and frozen layers.
+
+    Found once at the start of fit (no device work at all); the detectors judge them together
+    with what training does (the loss), and the forward order of the first batch.
+
+    Logged Metrics:
+        ``watch.dropout_p/<NN>.<module>`` (the drop probability of each dropout layer),
+        ``watch.frozen/<NN>.<module>`` (1 for a module whose own parameters all have
+        ``requires_grad=False``, 0 for one whose parameters train).
+
+    Example:
+        >>> facts = ModelFacts(); model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.9), nn.Linear(2, 2))
+        >>> _ = model[0].requires_grad_(False); facts.start(Cadence(log=1, sample=1), torch.device("cpu"), model)
+        >>> snap = Snapshot(step=0, epoch=0); facts.finalize({}, snap)
+        >>> snap.modules("dropout_p"), snap.modules("frozen")
+        ({'1': 0.9}, {'0': 1.0, '2': 0.0})
+    """
+
+    PRODUCES = ("dropout_p", "frozen")
+
+    def start(self, cadence: Cadence, device: torch.device, model: nn.Module) -> None:
+        self.cadence = cadence
+        self._dropout: dict[str, float] = {}
+        self._frozen: dict[str, float] = {}
+        for name, module in model.named_modules():
+            p = getattr(module, "p", None)
+            if isinstance(module, _DROPOUT) and isinstance(p, (int, float)):
+                self._dropout[name] = float(p)
+            own = [param for param in module.parameters(recurse=False) if param.numel() > 0]
+            if own:
+                self._frozen[name] = 0.0 if any(param.requires_grad for param in own) else 1.0
+        self.started = True
+
+    def collect(self) -> StatBlock:
+        return StatBlock()  # nothing on the device
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        if not getattr(self, "started", False):
+            return
+        for name, p in self._dropout.items():
+            snapshot.put("dropout_p", p, name)
+        if any(self._frozen.values()):  # the common case, nothing frozen, costs the snapshot nothing
+            for name, flag in self._frozen.items():
+                snapshot.put("frozen", flag, name)
+
+    def stop(self) -> None:
+        self.started = False
+
+
+#: a gate counts as saturated within 1 % of its range from a bound, as in ``ActivationScaleMonitor``:
+#: a sigmoid beyond |z| = ln(99) (below 0.01 or above 0.99), a tanh beyond |z| = atanh(0.98)
+SIGMOID_SATURATION = 4.59511985013459
+TANH_SATURATION = 2.2975599250672945
+
+
+class RecurrentGates(_Probe):
+    """Saturated gates inside ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (tanh) modules, where no output hook looks.
+
+    A recurrent module computes its gates inside one fused kernel: their pre-activations are no
+    module's output. On logging batches a forward hook takes the module's input and its output
+    sequence (the hidden state before each step) and recomputes, under ``no_grad``, the first
+    layer's gate pre-activations from ``weight_ih_l0``/``weight_hh_l0`` (one matmul of the size of
+    the module's own, once per window), then counts those beyond the saturation bounds (the
+    forward direction; single-layer modules, since deeper layers' inputs are not visible). A
+    ``PackedSequence`` input, projections (``proj_size``) and parametrized weights are skipped.
+
+    Logged Metrics:
+        ``watch.gate_saturated_frac/<NN>.<module>``: share of the first layer's gate pre-activations
+        in saturation (all gates together).
+
+    Example:
+        >>> lstm = nn.LSTM(3, 4); probe = RecurrentGates()
+        >>> probe.start(Cadence(log=1, sample=1), torch.device("cpu"), lstm); probe.arm()
+        >>> _ = lstm(torch.full((5, 2, 3), 100.0)); probe.disarm()  # raw, huge inputs
+        >>> from lightning_watch.stats import read_blocks
+        >>> snap = Snapshot(step=0, epoch=0); probe.finalize(read_blocks([probe.collect()]), snap)
+        >>> snap.get("gate_saturated_frac", "") > 0.5
+        True
+    """
+
+    PRODUCES = ("gate_saturated_frac",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handles: list[RemovableHandle] = []
+        self._modules: list[tuple[str, nn.RNNBase]] = []
+
+    def start(self, cadence: Cadence, device: torch.device, model: nn.Module) -> None:
+        self.cadence = cadence
+        self.disarm()
+        self._modules = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN))
+            and module.num_layers == 1
+            and getattr(module, "proj_size", 0) == 0
+            and getattr(module, "nonlinearity", "tanh") == "tanh"
+            and not hasattr(module, "parametrizations")
+            and isinstance(getattr(module, "weight_ih_l0", None), nn.Parameter)
+            and local_tensor(module.weight_ih_l0) is module.weight_ih_l0
+        ]
+        self.state.clear()
+        if self._modules:
+            self.state.declare("sums", (len(self._modules), 2), reduce="sum")  # saturated, counted
+            self.state.allocate(device)
+
+    def arm(self) -> None:
+        """Hook the recurrent modules for this batch (logging batches only)."""
+        self.disarm()
+        if self.state.allocated:
+            self._handles = [module.register_forward_hook(self._hook(i)) for i, (_, module) in enumerate(self._modules)]
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, index: int):
+        def hook(module: nn.RNNBase, args: Any, output: Any) -> None:
+            self.disarm_one(index)
+            try:
+                with torch.no_grad():
+                    counts = _gate_saturation(module, args, output)
+            except Exception:  # a shape this probe does not know: measure nothing rather than break training
+                return
+            if counts is not None:
+                row = self.state["sums"][index]
+                row.add_(counts.to(device=row.device, dtype=row.dtype))
+
+        return hook
+
+    def disarm_one(self, index: int) -> None:
+        # one call per logging batch is enough (a module called again in the batch is not re-measured)
+        if index < len(self._handles):
+            self._handles[index].remove()
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        sums = self._values(values, "sums")
+        if not sums:
+            return
+        rows = sums if isinstance(sums[0], (list, tuple)) else list(zip(sums[0::2], sums[1::2]))  # (modules, 2)
+        for (name, _), (saturated, counted) in zip(self._modules, rows):
+            if counted > 0:
+                snapshot.put("gate_saturated_frac", saturated / counted, name)
+
+
+def _gate_saturation(module: nn.RNNBase, args: Any, output: Any) -> Tensor | None:
+    """``(saturated, counted)`` gate pre-activations of ``module``'s first layer, forward direction."""
+    x = args[0] if args else None
+    out = output[0] if isinstance(output, tuple) else output
+    if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not x.is_floating_point():
+        return None  # PackedSequence, or something else
+    if x.dim() == 2:  # unbatched (T, F)
+        x, out = x.unsqueeze(1), out.unsqueeze(1)
+    elif module.batch_first:
+        x, out = x.transpose(0, 1), out.transpose(0, 1)  # (T, N, ...)
+    hidden = module.hidden_size
+    h_seq = out[..., :hidden]  # forward direction
+    hx = args[1] if len(args) > 1 else None
+    if isinstance(hx, tuple):
+        hx = hx[0]
+    h0 = hx.reshape(-1, *h_seq.shape[1:])[0] if isinstance(hx, Tensor) else torch.zeros_like(h_seq[0])
+    h_prev = torch.cat([h0.unsqueeze(0).to(h_seq.dtype), h_seq[:-1]], dim=0)  # the state each step starts from
+    w_ih, w_hh = module.weight_ih_l0, module.weight_hh_l0
+    gi = x.to(w_ih.dtype) @ w_ih.t()
+    gh = h_prev.to(w_hh.dtype) @ w_hh.t()
+    if module.bias:
+        gi, gh = gi + module.bias_ih_l0, gh + module.bias_hh_l0
+    if isinstance(module, nn.LSTM):  # gates i, f, g, o: sigmoid, sigmoid, tanh, sigmoid
+        z = (gi + gh).unflatten(-1, (4, hidden))
+        bound = z.new_tensor([SIGMOID_SATURATION, SIGMOID_SATURATION, TANH_SATURATION, SIGMOID_SATURATION])
+        saturated = (z.abs() >= bound[:, None]).sum()
+    elif isinstance(module, nn.GRU):  # gates r, z (sigmoid), n = tanh(x W_in + r * (h W_hn))
+        ir, iz, in_ = gi.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r = torch.sigmoid(ir + hr)
+        saturated = (
+            ((ir + hr).abs() >= SIGMOID_SATURATION).sum()
+            + ((iz + hz).abs() >= SIGMOID_SATURATION).sum()
+            + ((in_ + r * hn).abs() >= TANH_SATURATION).sum()
+        )
+        z = gi
+    else:  # nn.RNN, tanh
+        z = gi + gh
+        saturated = (z.abs() >= TANH_SATURATION).sum()
+    saturated = saturated.to(torch.float64)
+    return torch.stack([saturated, saturated.new_tensor(float(z.numel()))])  # numel: a host number, no sync
+
+
+class ValidationInputs(_Probe):
+    """Scale of the validation inputs (the first batch of each validation run), next to the training ones.
+
+    Armed when a validation run starts (``on_validation_start``, not the sanity check), it takes the
+    first float tensor of the first eval-mode forward call (the model's, or a top-level child's when
+    ``validation_step`` calls ``self.net(x)``) and disarms itself; it is removed when the validation
+    ends in any case. So no training step pays anything, and the statistics (device sums, no sync)
+    are read in the next logging step's one read. They are kept until the next validation.
+
+    Logged Metrics:
+        ``watch.global/val_input_mean``, ``watch.global/val_input_std``.
+    """
+
+    PRODUCES = ("val_input_mean", "val_input_std")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handles: list[RemovableHandle] = []
+
+    def start(self, cadence: Cadence, device: torch.device) -> None:
+        self.cadence = cadence
+        self.disarm()
+        self.state.clear()
+        self.state.declare("sums", (3,), reduce="sum")  # count, sum, sum of squares of the latest batch
+        self.state.allocate(device)
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self, model: nn.Module) -> None:
+        """Watch the next eval-mode forward (the validation that follows the epoch's last batch)."""
+        self.disarm()
+        if self.state.allocated:
+            self._handles = [m.register_forward_pre_hook(self._hook) for m in (model, *model.children())]
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, module: nn.Module, args: Any) -> None:
+        if module.training:
+            return  # a training-mode call (a callback's own forward): not validation
+        x = first_float_tensor(args)
+        if x is None:
+            return
+        self.disarm()
+        x = local_tensor(x).detach()
+        dtype = reduction_dtype([x])
+        sums = self.state["sums"]
+        row = torch.stack([x.new_tensor(float(x.numel()), dtype=dtype), x.sum(dtype=dtype), sum_of_squares(x, dtype)])
+        sums.copy_(row.to(sums.dtype))
+
+    def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
+        sums = self._values(values, "sums")
+        if not sums or not sums[0]:
+            return
+        count, total, squares = sums
+        mean = total / count
+        snapshot.put("val_input_mean", mean)
+        snapshot.put("val_input_std", max(squares / count - mean * mean, 0.0) ** 0.5)
+
+    def reset(self) -> None:
+        pass  # the latest validation's statistics stand until the next validation

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_watch import EarlyAlerts, Watch
+from lightning_watch.snapshot import Snapshot
 
 CLASSES, FEATURES = 4, 8
 
@@ -206,7 +207,9 @@ def test_pytorchs_broadcast_warning_becomes_an_alert(tmp_path):
 
 
 def test_a_fit_that_ends_while_improving_says_train_longer(tmp_path):
-    sick, _ = codes(tmp_path / "sick", Classifier(lr=0.1), steps=30, every=10)
+    # a pace bound no curve reaches: what is left is the information (the default warns on this straight fall)
+    settings = {"still_improving": {"warn_pace": 100.0}}
+    sick, _ = codes(tmp_path / "sick", Classifier(lr=0.1), steps=30, every=10, settings=settings)
     assert sick["still_improving"].severity == "info" and sick["still_improving"].step == 29
     healthy, _ = codes(tmp_path / "healthy", Classifier(lr=0.5), steps=300, every=50)
     assert "still_improving" not in healthy
@@ -236,7 +239,353 @@ def test_classes_that_are_nearly_absent_are_label_imbalance(tmp_path):
 
 def test_a_probe_runs_only_for_enabled_detectors_that_require_it(tmp_path):
     _, on = codes(tmp_path / "on", Classifier(), steps=20)
-    _, off = codes(tmp_path / "off", Classifier(), steps=20, settings={"unnormalized_inputs": False})
+    # both detectors that read the training inputs' scale switched off
+    off_settings = {"unnormalized_inputs": False, "train_val_input_shift": False}
+    _, off = codes(tmp_path / "off", Classifier(), steps=20, settings=off_settings)
     assert "watch/global/input_mean" in read_scalars(on.log_dir)
     logged = read_scalars(off.log_dir)
     assert "watch/global/input_mean" not in logged and "watch/global/loss" in logged  # the rest still runs
+
+
+# ---------------------------------------------------------------------- the end of fit: far from convergence
+class RecordingClassifier(Classifier):
+    """A ``Classifier`` that records every training loss (an independent record of the curve)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.item())
+        return loss
+
+
+def _least_squares_slope(xs, ys):
+    xm, ym = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - xm) * (y - ym) for x, y in zip(xs, ys)) / sum((x - xm) ** 2 for x in xs)
+
+
+def test_a_fit_stopped_while_the_loss_falls_straight_down_is_a_warning(tmp_path):
+    model = RecordingClassifier(lr=0.1)  # a steady fall: 30 steps (two windows) are far too few
+    sick, _ = codes(tmp_path / "sick", model, steps=30, every=15)
+    alert = sick["still_improving"]
+    assert alert.severity == "warning" and alert.threshold == 0.5  # a short fit's pace bound
+    # the ratio of the end's pace (the two windows' means) to the fit's average pace, recomputed
+    means = [sum(model.losses[i : i + 15]) / 15 for i in (0, 15)]
+    mids = [7.0, 22.0]
+    initial = sum(model.losses[:10]) / 10
+    end = _least_squares_slope(mids, means)
+    average = (means[-1] - initial) / (mids[-1] - 4.5)
+    assert alert.value == pytest.approx(end / average, rel=1e-4) and alert.value >= 0.5
+    # the same task trained to convergence levels off: not even the information
+    healthy, _ = codes(tmp_path / "healthy", Classifier(lr=0.5), steps=300, every=50)
+    assert "still_improving" not in healthy
+
+
+def _snapshots(losses, every=50, stds=None):
+    out = []
+    for i, loss in enumerate(losses):
+        snap = Snapshot(step=(i + 1) * every - 1, epoch=0)
+        snap.put("loss", loss)
+        snap.put("loss_std", 0.0 if stds is None else stds[i])
+        out.append(snap)
+    return out
+
+
+def test_end_pace_tells_a_straight_fall_from_a_levelled_curve_and_from_noise():
+    from lightning_watch.alerts.detectors import end_pace
+    from lightning_watch.alerts.rules import RuleContext
+
+    straight = _snapshots([2.0 - 0.1 * i for i in range(8)])
+    slope, average, end = end_pace(straight[-1], RuleContext(history=straight[:-1], initial_loss=2.05))
+    assert slope == pytest.approx(-0.1 / 50) and slope / average > 0.9 and end == pytest.approx(1.3)
+    levelled = _snapshots([2.0 * math.exp(-i) + 0.5 for i in range(8)])
+    slope, average, _ = end_pace(levelled[-1], RuleContext(history=levelled[:-1], initial_loss=2.5))
+    assert 0 < slope / average < 0.05
+    # a fall of 0.01 between windows whose means are uncertain by 0.1 / sqrt(50) each is no fall
+    noisy = _snapshots([1.02, 1.01, 1.0], stds=[0.1, 0.1, 0.1])
+    assert end_pace(noisy[-1], RuleContext(history=noisy[:-1], initial_loss=1.03)) is None
+
+
+def test_the_loss_slope_is_the_least_squares_line_of_the_sampled_losses(tmp_path):
+    model = RecordingClassifier(lr=0.05)
+    watch = Watch(log_every_n_steps=50, report=False, pictures=False)
+    trainer = make_trainer(tmp_path, [watch], max_steps=50, max_epochs=None, log_every_n_steps=50)
+    quiet_fit(trainer, model, loader(), seed=0)
+    sampled = [9, 19, 29, 39, 49]  # five samples per 50-step window
+    expected = _least_squares_slope(sampled, [model.losses[s] for s in sampled])
+    logged = read_scalars(trainer.log_dir)["watch/global/loss_slope"]
+    assert logged[0][0] == 49 and logged[0][1] == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------------- loss / label / output mismatches
+class OneOutput(pl.LightningModule):
+    """One output per sample, trained with MSE against ``target(y)``."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.net, self.target = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, 1)), target
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x).squeeze(-1), self.target(x, y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_mse_on_class_indices_is_regression_on_class_indices(tmp_path):
+    sick, _ = codes(tmp_path / "sick", OneOutput(lambda x, y: y.float()), steps=40)
+    alert = sick["regression_on_class_indices"]
+    assert alert.value == CLASSES and "0..3" in alert.message
+    # a real regression target (floats): the labels are not integers, nothing to say
+    floats = TensorDataset(blobs().tensors[0], blobs().tensors[0].sum(dim=1))
+    healthy, _ = codes(tmp_path / "healthy", OneOutput(lambda x, y: y), floats, steps=40)
+    assert "regression_on_class_indices" not in healthy
+    classifier, _ = codes(tmp_path / "classifier", Classifier(), steps=40)
+    assert "regression_on_class_indices" not in classifier
+
+
+class ProbabilityClassifier(Classifier):
+    """Returns probabilities; ``nll_of_log`` trains them correctly (NLL of their log), else with cross-entropy."""
+
+    def __init__(self, nll_of_log: bool, **kwargs):
+        super().__init__(head=nn.Softmax(dim=-1), **kwargs)
+        self.nll_of_log = nll_of_log
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        p = self(x)
+        if self.nll_of_log:
+            return nn.functional.nll_loss(torch.log(p.clamp_min(1e-12)), y)
+        return nn.functional.cross_entropy(p, y)
+
+
+def test_probabilities_fed_to_cross_entropy_hit_its_floor(tmp_path):
+    settings = {"probability_outputs": {"min_steps": 40}}
+    sick, _ = codes(tmp_path / "sick", ProbabilityClassifier(False, lr=0.5), steps=80, settings=settings)
+    alert = sick["probability_outputs"]
+    floor = math.log(1 + (CLASSES - 1) / math.e)
+    assert alert.threshold == pytest.approx(floor) and alert.value >= 0.98 * floor
+    # the same probabilities trained with NLL of their log learn below that floor: nothing to say
+    healthy, _ = codes(tmp_path / "healthy", ProbabilityClassifier(True, lr=0.5), steps=80, settings=settings)
+    assert "probability_outputs" not in healthy
+
+
+# ---------------------------------------------------------------------- the model's structure
+class DropoutClassifier(Classifier):
+    def __init__(self, p: float):
+        super().__init__()
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+def test_a_dropout_of_ninety_percent_is_extreme_and_one_of_half_is_not(tmp_path):
+    sick, _ = codes(tmp_path / "sick", DropoutClassifier(0.9), steps=20)
+    alert = sick["extreme_dropout"]
+    assert alert.value == pytest.approx(0.9) and alert.extra["modules"] == ["drop"] and alert.step == 9
+    healthy, _ = codes(tmp_path / "healthy", DropoutClassifier(0.5), steps=20)
+    assert "extreme_dropout" not in healthy
+
+
+def test_a_frozen_layer_in_front_of_trainable_ones_warns_when_the_loss_does_not_fall(tmp_path):
+    settings = {"frozen_layers": {"min_steps": 40}}
+    dead = Classifier()  # fc1 frozen at zero: nothing reaches fc2, the loss stays at ln 4
+    nn.init.zeros_(dead.fc1.weight), nn.init.zeros_(dead.fc1.bias)
+    dead.fc1.requires_grad_(False)
+    sick, _ = codes(tmp_path / "sick", dead, steps=60, settings=settings)
+    alert = sick["frozen_layers"]
+    assert alert.extra["modules"] == ["fc1"] and alert.value >= 0.9
+    # frozen in front, but the loss falls (a usable frozen feature extractor): information only
+    frozen = Classifier()
+    frozen.fc1.requires_grad_(False)
+    healthy, _ = codes(tmp_path / "healthy", frozen, steps=60, settings=settings)
+    assert "frozen_layers" not in healthy and healthy["frozen_parameters"].severity == "info"
+    # a frozen last layer is behind every trainable one: not this detector's case
+    head = Classifier()
+    nn.init.zeros_(head.fc2.weight)
+    head.fc2.requires_grad_(False)
+    behind, _ = codes(tmp_path / "behind", head, steps=60, settings=settings)
+    assert "frozen_layers" not in behind
+
+
+# ---------------------------------------------------------------------- inside recurrent modules
+def _naive_gate_saturation(module, x):
+    """Saturated / counted first-layer gate pre-activations, by a plain per-step loop (time-major ``x``)."""
+    from lightning_watch.alerts.probes import SIGMOID_SATURATION as SIG
+    from lightning_watch.alerts.probes import TANH_SATURATION as TANH
+
+    hidden = module.hidden_size
+    h = torch.zeros(x.shape[1], hidden)
+    c = torch.zeros_like(h)
+    w_ih, w_hh, b_ih, b_hh = module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0
+    saturated = counted = 0
+    for t in range(x.shape[0]):
+        gi, gh = x[t] @ w_ih.t() + b_ih, h @ w_hh.t() + b_hh
+        if isinstance(module, nn.LSTM):
+            i, f, g, o = (gi + gh).chunk(4, dim=1)
+            saturated += sum(int((v.abs() >= SIG).sum()) for v in (i, f, o)) + int((g.abs() >= TANH).sum())
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        else:  # GRU
+            ir, iz, in_ = gi.chunk(3, dim=1)
+            hr, hz, hn = gh.chunk(3, dim=1)
+            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+            n = torch.tanh(in_ + r * hn)
+            saturated += int(((ir + hr).abs() >= SIG).sum() + ((iz + hz).abs() >= SIG).sum())
+            saturated += int(((in_ + r * hn).abs() >= TANH).sum())
+            h = (1 - z) * n + z * h
+        counted += gi.numel()
+    return saturated, counted
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_gate_saturation_is_recomputed_exactly(kind, batch_first):
+    from lightning_watch.alerts.probes import _gate_saturation
+
+    torch.manual_seed(0)
+    module = kind(3, 5, batch_first=batch_first)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(6)  # some gates saturated, some not
+    x = torch.randn(7, 4, 3)
+    given = x.transpose(0, 1) if batch_first else x
+    with torch.no_grad():
+        counts = _gate_saturation(module, (given,), module(given))
+        expected = _naive_gate_saturation(module, x)
+    assert counts.tolist() == [float(v) for v in expected] and 0 < expected[0] < expected[1]
+
+
+class SequenceClassifier(pl.LightningModule):
+    """An LSTM over (N, T, F) sequences; the class is the channel with the largest sum over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.out = nn.LSTM(FEATURES, 16, batch_first=True), nn.Linear(16, CLASSES)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.lstm(x)[0][:, -1]
+        return nn.functional.cross_entropy(self.out(h), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def sequences(scale: float, n: int = 256) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 6, FEATURES, generator=g)
+    return TensorDataset(x * scale, x.sum(dim=1)[:, :CLASSES].argmax(dim=1))
+
+
+def test_raw_scale_sequences_saturate_an_lstms_gates(tmp_path):
+    sick, _ = codes(tmp_path / "sick", SequenceClassifier(), sequences(scale=50.0), steps=30)
+    alert = sick["saturated_gates"]
+    assert alert.module == "lstm" and alert.value > 0.5
+    healthy, trainer = codes(tmp_path / "healthy", SequenceClassifier(), sequences(scale=1.0), steps=30)
+    assert "saturated_gates" not in healthy
+    assert read_scalars(trainer.log_dir)["watch/gate_saturated_frac/lstm"][-1][1] < 0.1
+
+
+# ---------------------------------------------------------------------- training against validation inputs
+class ValidatedClassifier(Classifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+
+def test_noise_on_the_training_inputs_only_is_a_train_val_input_shift(tmp_path):
+    clean = blobs()
+    x, y = clean.tensors
+    noisy = TensorDataset(x + 2.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1)), y)
+    watch = Watch(log_every_n_steps=10, report=False, pictures=False)
+    trainer = make_trainer(tmp_path / "sick", [watch], max_epochs=3, log_every_n_steps=10)
+    val = DataLoader(clean, batch_size=64)
+    quiet_fit(trainer, ValidatedClassifier(), loader(noisy), val, seed=0)
+    alert = {a.code: a for a in watch.alerts}["train_val_input_shift"]
+    logged = read_scalars(trainer.log_dir)
+    # the logged validation std is the first validation batch's, computed here independently
+    first_val = clean.tensors[0][:64]
+    assert logged["watch/global/val_input_std"][-1][1] == pytest.approx(first_val.std(unbiased=False).item(), rel=1e-4)
+    assert alert.value > 1.5 and alert.step > 7  # after the first validation (8 batches per epoch)
+    # the same clean data for both splits: nothing to say
+    watch = Watch(log_every_n_steps=10, report=False, pictures=False)
+    trainer = make_trainer(tmp_path / "healthy", [watch], max_epochs=3, log_every_n_steps=10)
+    quiet_fit(trainer, ValidatedClassifier(), loader(clean), val, seed=0)
+    assert "train_val_input_shift" not in {a.code for a in watch.alerts}
+    assert "watch/global/val_input_std" in read_scalars(trainer.log_dir)
+
+
+def test_batches_of_one_are_noisy_at_a_lower_bound(tmp_path):
+    # lr 0.05 and batch 1: per-sample losses vary by about their mean, below the general bound of 1
+    sick, trainer = codes(tmp_path / "sick", Classifier(lr=0.05), steps=200, every=40, batch_size=1)
+    assert sick["noisy_training"].threshold == 0.5
+    assert read_scalars(trainer.log_dir)["watch/global/output_rows"][0][1] == 1.0
+
+
+# ---------------------------------------------------------------------- two optimizers; labels that are not classes
+class TwoOptimizers(pl.LightningModule):
+    """A GAN's pattern: D steps, then G backpropagates through D; ``zero_d`` zeroes D before its own backward."""
+
+    def __init__(self, zero_d: bool):
+        super().__init__()
+        self.automatic_optimization = False
+        self.g, self.d = nn.Linear(4, FEATURES), nn.Linear(FEATURES, 1)
+        self.zero_d = zero_d
+
+    def training_step(self, batch, batch_idx):
+        opt_g, opt_d = self.optimizers()
+        x, _ = batch
+        fake = self.g(torch.randn(x.shape[0], 4))
+        if self.zero_d:
+            opt_d.zero_grad()
+        self.manual_backward(self.d(x).mean() - self.d(fake.detach()).mean())
+        opt_d.step()
+        opt_g.zero_grad()
+        self.manual_backward(self.d(fake).mean())  # D's gradients grow here too: legitimate
+        opt_g.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.g.parameters(), lr=1e-3), torch.optim.SGD(self.d.parameters(), lr=1e-3)
+
+
+def test_gradients_are_judged_per_optimizer_between_its_own_steps(tmp_path):
+    healthy, _ = codes(tmp_path / "healthy", TwoOptimizers(zero_d=True), steps=40)
+    assert "gradients_not_zeroed" not in healthy
+    sick, _ = codes(tmp_path / "sick", TwoOptimizers(zero_d=False), steps=40)
+    assert sick["gradients_not_zeroed"].severity == "error"
+
+
+class Autoencoder(pl.LightningModule):
+    """64 outputs that are pixels, not classes; the batch also carries digit labels 0..9 (balanced)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 64))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        return nn.functional.mse_loss(self(x), x, reduction="sum")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_outputs_that_are_not_classes_do_not_count_the_classes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    digits = TensorDataset(torch.randn(640, 64, generator=g), torch.arange(640) % 10)
+    healthy, trainer = codes(tmp_path / "healthy", Autoencoder(), digits, steps=40)
+    assert "label_imbalance" not in healthy
+    logged = read_scalars(trainer.log_dir)
+    assert logged["watch/global/label_classes_seen"][-1][1] == 10.0  # 1 + the largest label
+    assert logged["watch/global/label_rarest_share_seen"][-1][1] > 0.5
