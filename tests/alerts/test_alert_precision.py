@@ -404,11 +404,6 @@ def test_a_discriminator_that_is_never_zeroed_is_seen(tmp_path):
     assert "gradients_not_zeroed" in {a.code for a in _fit(tmp_path, _TwoOptimizers(zero_d=False), _data(), 40)}
 
 
-@pytest.mark.xfail(
-    reason="GradientCheckProbe.before_backward (probes.py, not this branch's) judges every optimizer's gradients "
-    "at the first backward after any step; the exact check is per optimizer at its next step (handoff healthy.md)",
-    strict=False,
-)
 def test_two_optimizers_zeroed_before_their_own_backwards_are_not_stale(tmp_path):
     torch.manual_seed(0)
     alerts = _fit(tmp_path, _TwoOptimizers(zero_d=True), _data(), 40)

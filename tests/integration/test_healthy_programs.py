@@ -26,14 +26,7 @@ def rows():
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(
-            "vae",
-            marks=pytest.mark.xfail(
-                reason="label_imbalance: LabelProbe (probes.py) counts 64 classes from the VAE's 64 output pixels "
-                "for 10 digit labels; remove this mark once that fix lands (see /work/handoff/healthy.md)",
-                strict=False,
-            ),
-        ),
+        "vae",
         "transformer_lm",
         "gcn",
     ],
