@@ -33,7 +33,7 @@ def required_metrics(rules: tuple[Rule, ...], disabled: set[str]) -> set[str]:
     Example:
         >>> "input_mean" in required_metrics(BUILTIN_RULES, set())
         True
-        >>> "input_mean" in required_metrics(BUILTIN_RULES, {"unnormalized_inputs"})
+        >>> "input_mean" in required_metrics(BUILTIN_RULES, {"unnormalized_inputs", "train_val_input_shift"})
         False
     """
     return {
