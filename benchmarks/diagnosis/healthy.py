@@ -499,18 +499,24 @@ def _lm_data(seed):
     return batchify(corpus[:cut], 20), batchify(corpus[cut:], 10)
 
 
-def lstm_lm(seed: int) -> Program:
+def _lm_program(seed: int, module: pl.LightningModule, recurrent: bool, source: str) -> Program:
+    """word_language_model's recipe: time-major bptt chunks in order (``batch_size=None``), clip 0.25."""
     train, val = _lm_data(seed)
     return Program(
-        module=LstmLM(64, 20),
+        module=module,
         train=DataLoader(BpttBatches(train), batch_size=None, shuffle=False),
-        metric=lambda m: _perplexity(m, val, recurrent=True),
+        metric=lambda m: _perplexity(m, val, recurrent=recurrent),
         metric_name="validation perplexity",
         target=5.0,
         higher_is_better=False,
         trainer={"max_epochs": 3, "gradient_clip_val": 0.25},
-        source="pytorch/examples word_language_model (LSTM 2x200, bptt 35, batch 20, SGD lr 20, clip 0.25)",
+        source=source,
     )
+
+
+def lstm_lm(seed: int) -> Program:
+    source = "pytorch/examples word_language_model (LSTM 2x200, bptt 35, batch 20, SGD lr 20, clip 0.25)"
+    return _lm_program(seed, LstmLM(64, 20), recurrent=True, source=source)
 
 
 class PositionalEncoding(nn.Module):
@@ -587,17 +593,8 @@ class TransformerLM(pl.LightningModule):
 
 
 def transformer_lm(seed: int) -> Program:
-    train, val = _lm_data(seed)
-    return Program(
-        module=TransformerLM(64),
-        train=DataLoader(BpttBatches(train), batch_size=None, shuffle=False),
-        metric=lambda m: _perplexity(m, val, recurrent=False),
-        metric_name="validation perplexity",
-        target=5.0,
-        higher_is_better=False,
-        trainer={"max_epochs": 3, "gradient_clip_val": 0.25},
-        source="pytorch/examples word_language_model --model Transformer --lr 5 (causal mask, clip 0.25; d 64)",
-    )
+    source = "pytorch/examples word_language_model --model Transformer --lr 5 (causal mask, clip 0.25; d 64)"
+    return _lm_program(seed, TransformerLM(64), recurrent=False, source=source)
 
 
 # --------------------------------------------------------------------------- graph network (GCN)
