@@ -107,7 +107,8 @@ class LabelProbe(_Probe):
     Logged Metrics:
         ``watch.global/label_rarest_share`` (the rarest class's share of the labels over its share if
         all classes were equally frequent; 1 is balanced), ``watch.global/label_classes``,
-        ``watch.global/label_count``; the same with the suffix ``_seen`` over 1 + the largest label seen.
+        ``watch.global/label_count``; the same with the suffix ``_seen`` over 1 + the largest label seen;
+        ``watch.global/label_mean_square`` (the mean of the squared labels).
     """
 
     PRODUCES = (
@@ -117,6 +118,7 @@ class LabelProbe(_Probe):
         "label_rarest_share_seen",
         "label_classes_seen",
         "label_count_seen",
+        "label_mean_square",
     )
 
     MAX_CLASSES = 1024
@@ -145,6 +147,9 @@ class LabelProbe(_Probe):
         # seen; the detector decides which applies (a VAE's 64 outputs are pixels, not 64 classes)
         seen = 1 + max((i for i, c in enumerate(counts) if c > 0), default=-1)
         outputs = int(snapshot.get("output_classes", default=0.0))
+        if seen >= 2:  # the labels' mean square: the scale of a loss that regresses them
+            total_seen = sum(counts[:seen])
+            snapshot.put("label_mean_square", sum(c * i * i for i, c in enumerate(counts[:seen])) / total_seen)
         for suffix, classes in (("", outputs or seen), ("_seen", seen)):
             total = sum(counts[:classes])
             if classes < 2 or classes >= self.MAX_CLASSES or not total:

@@ -348,6 +348,9 @@ def test_mse_on_class_indices_is_regression_on_class_indices(tmp_path):
     assert "regression_on_class_indices" not in healthy
     classifier, _ = codes(tmp_path / "classifier", Classifier(), steps=40)
     assert "regression_on_class_indices" not in classifier
+    # one column next to class labels it is not trained on (a discriminator): a loss far below their scale
+    other, _ = codes(tmp_path / "other", OneOutput(lambda x, y: (x[:, 0] > 0).float() * 0.1), steps=40)
+    assert "regression_on_class_indices" not in other
 
 
 class ProbabilityClassifier(Classifier):
