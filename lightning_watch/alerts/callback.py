@@ -147,6 +147,7 @@ class EarlyAlerts(CachedStateKey):
         self._sinks = AlertSinks()
         self._warnings = FrameworkWarnings()
         self._backward_losses: list = []  # this batch's losses as Lightning backpropagates them
+        self._automatic = True  # the module's optimization mode (read at fit start)
         self._sampled = self._logging = False
 
     # ------------------------------------------------------------------ public face
@@ -208,7 +209,8 @@ class EarlyAlerts(CachedStateKey):
             self._load(pending)  # before the loss window allocates: it applies its part then
         device = pl_module.device
         # Lightning hands the loss of an accumulating batch already divided by `accumulate_grad_batches`
-        accumulating = pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1
+        self._automatic = pl_module.automatic_optimization
+        accumulating = self._automatic and trainer.accumulate_grad_batches > 1
         self.loss.start(self._cadence, device, scale=trainer.accumulate_grad_batches if accumulating else 1.0)
         # a probe runs only if an enabled detector reads what it measures (the rules declare `requires`)
         needed = required_metrics((*BUILTIN_RULES, *self.config.rules), self.config.disabled)
@@ -334,6 +336,13 @@ class EarlyAlerts(CachedStateKey):
 
         Returns whether an alert was raised (a non-finite loss).
         """
+        if self._automatic and type(outputs) is dict:
+            # automatic optimization: Lightning checked that the loss it backpropagated is a scalar float
+            # tensor, and hands it over detached; keeping it touches nothing else (every batch pays this)
+            loss = outputs.get("loss")
+            if loss is not None:
+                self.loss.keep(loss)
+            return fold and self._fold(trainer, loss)
         loss = extract_loss(outputs)
         backward = self._backward_losses
         if backward:
@@ -344,9 +353,13 @@ class EarlyAlerts(CachedStateKey):
             backward.clear()
         if loss is not None:
             self.loss.add(loss)
-            if fold:  # the loss's trend: sampled steps only, device ops, no sync
-                self.trend.observe(logging_step(trainer), loss.detach())
-        if not (fold and self.loss.fold() and self.config.enabled("non_finite_loss")):
+        return fold and self._fold(trainer, loss)
+
+    def _fold(self, trainer: pl.Trainer, loss: Any) -> bool:
+        """A sampled step: the kept losses join the window, this one the trend; a non-finite one is an alert."""
+        if loss is not None:  # the loss's trend: sampled steps only, device ops, no sync
+            self.trend.observe(logging_step(trainer), loss.detach())
+        if not (self.loss.fold() and self.config.enabled("non_finite_loss")):
             return False
         alert = self.engine.context().alert(
             "non_finite_loss",

@@ -124,8 +124,10 @@ class LossWindow:
 
     def add(self, loss: Tensor) -> None:
         """Keep one batch's loss for the next :meth:`fold`: no kernel, no read (this runs on every batch)."""
-        if loss.requires_grad:  # a manual `training_step`'s loss: its value only, not its graph
-            loss = loss.detach()
+        self.keep(loss.detach() if loss.requires_grad else loss)  # a manual loss: its value, not its graph
+
+    def keep(self, loss: Tensor) -> None:
+        """:meth:`add` for a loss known to be a detached scalar (Lightning's, under automatic optimization)."""
         pending = self._pending
         pending.append(loss)
         if len(pending) >= RING:  # a long stretch without a sampled step: fold on the way
@@ -140,7 +142,10 @@ class LossWindow:
         answer ``False`` (the logging step's ``non_finite_loss`` rule still sees it).
         """
         pending = self._pending
-        if not pending or not self.state.allocated:
+        if not self.state.allocated:
+            pending.clear()  # not started (a loss outside fit): nothing to add it to
+            return False
+        if not pending:
             return False
         try:
             losses = torch.stack(pending).reshape(-1)
