@@ -249,7 +249,8 @@ def held_bytes(roots: list[object], model: nn.Module) -> int:
 
     What a callback keeps between steps: an O(number of watched modules) state is a few KiB; a
     persistent copy of the weights would show as the model's size. References to the model's
-    parameters, gradients and buffers are not copies and are not counted.
+    parameters, gradients and buffers, and to the user's optimizers (their state), are not copies and
+    are not counted.
     """
     seen: set[int] = set()
     storages: dict[int, int] = {}
@@ -258,7 +259,9 @@ def held_bytes(roots: list[object], model: nn.Module) -> int:
     stack = list(roots)
     while stack:
         obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, (nn.Module, pl.Trainer, str, bytes, int, float, type)):
+        # the model, the Trainer and the user's optimizers (their momentum buffers) are not callback state
+        user_objects = (nn.Module, pl.Trainer, torch.optim.Optimizer, str, bytes, int, float, type)
+        if id(obj) in seen or isinstance(obj, user_objects):
             continue
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
