@@ -64,7 +64,7 @@ class QuietSteps:
         self.until = 0  # the first batch is never quiet: one-time checks run there
 
     def quiet(self, trainer: pl.Trainer) -> bool:
-        return trainer.fit_loop.epoch_loop._batches_that_stepped < self.until
+        return logging_step(trainer) < self.until
 
     def after(self, step: int, *next_busy: Callable[[int], int]) -> None:
         self.until = min(busy(step + 1) for busy in next_busy)

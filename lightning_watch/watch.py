@@ -111,7 +111,6 @@ class Watch(CachedStateKey):
         self._busy = False  # whether any monitor works on the current batch
         self._plain = False  # whether the current batch is a quiet one: nothing to do but keep the loss
         self._quiet = QuietSteps()  # the steps before the next one anything is due at
-        self._manual = False  # manual optimization
         self._shown: int | None = None  # alert count in the progress bar
         # end-of-fit health report and TensorBoard pictures (lightning_watch/views/)
         self.views = WatchViews(report=report, pictures=pictures, final_pictures=final_pictures)
@@ -175,7 +174,6 @@ class Watch(CachedStateKey):
         StatHub.for_trainer(trainer).join(self, sources)
         self._quiet = QuietSteps()  # the first batch runs the one-time checks
         self._plain = False
-        self._manual = not pl_module.automatic_optimization
         notice = self._bundle.floor_notice("Watch")
         if notice:
             rank_zero_info(notice)
@@ -246,7 +244,7 @@ class Watch(CachedStateKey):
             return
         if not self._plain:
             alerts.before_backward(trainer, pl_module, loss)
-        elif self._manual:  # the loss of a manual `training_step` that returns nothing
+        else:  # the loss of a manual `training_step` that returns nothing
             alerts.record_backward(loss)
 
     def on_train_batch_end(

@@ -297,12 +297,12 @@ class EarlyAlerts(CachedStateKey):
         """Lightning is about to backpropagate ``loss`` (both optimization modes)."""
         # checked, and judged, on logging steps: one batch per window suffices for an invariant
         self.hygiene.before_backward(self._logging)
-        if not pl_module.automatic_optimization:
-            self.record_backward(loss)
+        self.record_backward(loss)
 
     def record_backward(self, loss: Any) -> None:
-        """Keep the value of a loss a manual ``training_step`` backpropagates (the graph is not kept)."""
-        self._backward_losses.append(loss.detach())
+        """A quiet batch's backward: keep the value of a manual ``training_step``'s loss (not its graph)."""
+        if not self._automatic:
+            self._backward_losses.append(loss.detach())
 
     def before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._logging:
@@ -519,7 +519,7 @@ class EarlyAlerts(CachedStateKey):
             return
         if not self._plain:
             self.before_backward(trainer, pl_module, loss)
-        elif not pl_module.automatic_optimization:
+        else:
             self.record_backward(loss)
 
     def on_before_optimizer_step(

@@ -52,6 +52,11 @@ def _weight_leaf(module: nn.Module) -> tuple[Tensor | None, str | None]:
     return weight, None
 
 
+def _gradient_unit_dim(module: nn.Module) -> int | None:
+    """The unit dimension of a layer judged by its weight's gradient rows; ``None``: judged by its output."""
+    return _weight_unit_dim(module) if isinstance(module, WEIGHTED_TYPES) else None
+
+
 def _weight_unit_dim(module: nn.Module) -> int | None:
     weight, _ = _weight_leaf(module)
     if not isinstance(weight, Tensor) or weight.dim() < 2:
@@ -111,9 +116,7 @@ class DeadUnitMonitor(WatchMonitor):
 
     def _declare_state(self, state: StateRegistry) -> None:
         # weighted layers use the gradient criterion, every other module its output
-        self._grad_dims = [
-            _weight_unit_dim(module) if isinstance(module, WEIGHTED_TYPES) else None for _, module in self._modules
-        ]
+        self._grad_dims = [_gradient_unit_dim(module) for _, module in self._modules]
         for index, (_, module) in enumerate(self._modules):
             dim = self._grad_dims[index]
             # a weighted layer's size is known from its weight leaf (a parametrized weight's `original`,
@@ -133,11 +136,7 @@ class DeadUnitMonitor(WatchMonitor):
 
     def _uncaptured(self) -> set[int]:
         # weighted layers are judged by their gradients: their outputs need no hook
-        return {
-            index
-            for index, (_, module) in enumerate(self._modules)
-            if isinstance(module, WEIGHTED_TYPES) and _weight_unit_dim(module) is not None
-        }
+        return {index for index, (_, module) in enumerate(self._modules) if _gradient_unit_dim(module) is not None}
 
     def consume(self, index: int, captured: CapturedOutput) -> None:
         if self._grad_dims[index] is not None:
