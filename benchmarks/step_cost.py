@@ -10,20 +10,33 @@ On a GPU a step of a small model is often 2-10 ms of Python and kernel launches,
           the default set: meant for ``--device cuda``)
 
 Method. Every run is a real ``lightning.pytorch.Trainer`` fit of ``--steps`` steps on in-memory batches
-(already on the device) with a fresh model of the same seed. One *round* runs each configuration once,
-each preceded by a bare run (bare, A, bare, B, ...) in one process, so the drifts of a shared machine
-cancel; one discarded fit per model warms the process up. A tiny timing callback is installed FIRST and
-LAST in the callback list of every run (bare ones too): its ``on_train_batch_start`` (first) and
+(already on the device) with a fresh model of the same seed. A tiny timing callback is installed FIRST
+and LAST in the callback list of every run (bare ones too): its ``on_train_batch_start`` (first) and
 ``on_train_batch_end`` (last) bracket each step with ``time.perf_counter``, so a step's time holds the
-forward, backward, optimizer and every callback's per-step work. Each step is classified by the watched
-run's cadence (``lightning_watch.cadence``): *logging* when ``(step + 1) % log == 0``, *sampled* when
-``(step + 1) % sample == 0`` (and not logging), *plain* otherwise; the first ``--warmup`` steps are left
-out of the per-step figures. A configuration's extra is its median step time of a class minus that of
-the bare run before it; the table shows the median over rounds with min-max.
+forward, backward, optimizer and every callback's per-step work.
 
-Also shown: *mean extra* (mean over all steps, warm-up included: what the sampled and logging steps add
-on average), *end of fit* (extra seconds from the last step's end to ``fit()`` returning: report,
-pictures, files) and the *whole-run* ratio (wall time of the whole ``fit()``, over the bare run's).
+The per-step figures come from *lock-step* pairs: a bare fit and a watched fit run at once in two
+threads of one process, taking turns one step each (bare step k, watched step k, bare step k+1, ...),
+so each watched step is timed within milliseconds of its bare twin. A shared machine's speed drifts
+by tens of percent over seconds (measured here: a fixed Python loop took 35 to 64 ms from one fit to
+the next), which swamps a few microseconds when whole fits are compared; paired neighbouring steps
+cancel it. Each step is classified by the watched run's cadence (``lightning_watch.cadence``):
+*logging* when ``(step + 1) % log == 0``, *sampled* when ``(step + 1) % sample == 0`` (and not
+logging), *plain* otherwise; the first ``--warmup`` steps are left out of the per-step figures. A
+class's extra is the median over its steps of (watched step - bare twin); the table shows the median
+over rounds with min-max. One round also runs each configuration in a whole fit of its own, after a
+bare one (bare, A, bare, B, ...), for the fixed costs and the whole-run ratio.
+
+Also shown: *mean extra* (mean over all steps of the lock-step pair, warm-up included: what the
+sampled and logging steps add on average), *end of fit* (extra seconds from the last step's end to
+``fit()`` returning: report, pictures, files) and the *whole-run* ratio (wall time of the whole
+``fit()``, over the bare run's).
+
+*Direct cost* (``direct_cost.py``): the microseconds spent inside the watched callbacks per step,
+read within the step itself, which resolves what step-time differences cannot: whole fits of the
+tiny model differ by hundreds of microseconds per step from one fit to the next, even side by side
+in lock-step. It is a floor (indirect costs are not in it); the paired figures bound it from above,
+with their noise shown.
 
 With ``--device cuda`` the host's clock is read after ``torch.cuda.synchronize()`` only around the timed
 regions: before and after each ``fit()``; never inside the callbacks, which would add the very syncs
@@ -47,6 +60,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -61,6 +75,9 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lightning_watch import GradientNormMonitor, Watch
 from lightning_watch.cadence import Cadence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from direct_cost import DirectClock, bracketed, timed_hooks
 
 
 # ---------------------------------------------------------------------- models
@@ -167,6 +184,8 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "Watch()": lambda: [Watch()],
     "Watch(alerts=False, pictures=False, report=False)": lambda: [Watch(alerts=False, pictures=False, report=False)],
     "gradients only": lambda: [GradientNormMonitor()],
+    # the floor of any callback: Lightning's dispatch of its hooks, which do nothing
+    "empty callback": lambda: [pl.Callback()],
 }
 
 
@@ -184,13 +203,52 @@ class StepStart(pl.Callback):
 
 
 class StepEnd(pl.Callback):
-    """Last in the callback list: stamps each step's end."""
+    """Last in the callback list: stamps each step's end (then hands the turn over, in a lock-step pair)."""
 
-    def __init__(self) -> None:
+    def __init__(self, turn: Turn | None = None) -> None:
         self.ends: list[float] = []
+        self.turn = turn
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.ends.append(time.perf_counter())
+        if self.turn is not None:
+            self.turn.hand_over()
+
+
+class LockStep:
+    """Two fits in two threads taking turns one training step each; a finished fit stops waiting its partner."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._turn = 0
+        self._done = [False, False]
+
+    def wait(self, who: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == who or self._done[1 - who])
+
+    def hand_over(self, who: int) -> None:
+        with self._cond:
+            self._turn = 1 - who
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._turn == who or self._done[1 - who])
+
+    def finish(self, who: int) -> None:
+        with self._cond:
+            self._done[who] = True
+            self._turn = 1 - who
+            self._cond.notify_all()
+
+
+@dataclass
+class Turn:
+    """One fit's side of a :class:`LockStep`."""
+
+    lock: LockStep
+    who: int
+
+    def hand_over(self) -> None:
+        self.lock.hand_over(self.who)
 
 
 @dataclass
@@ -203,6 +261,8 @@ class Run:
     start: float  # fit() call to the first step's start
     end: float  # last step's end to fit() return
     cadence: Cadence | None = None
+    direct: list[float] = field(default_factory=list)  # seconds per step inside the watched callbacks
+    hook_calls: list[int] = field(default_factory=list)  # their module/optimizer hook calls per step
 
 
 def _cadence(callbacks: list[pl.Callback]) -> Cadence | None:
@@ -219,12 +279,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def fit_once(model_name: str, config: str, steps: int, device: str, root: str) -> Run:
+def fit_once(model_name: str, config: str, steps: int, device: str, root: str, turn: Turn | None = None) -> Run:
     make_model, _ = MODELS[model_name]
     batches = BATCHES[(model_name, steps, device)]
     torch.manual_seed(0)
     model = make_model()
-    start, end = StepStart(), StepEnd()
+    start, end, clock = StepStart(), StepEnd(turn), DirectClock()
     watched = CONFIGS[config]()
     trainer = pl.Trainer(
         max_steps=steps,
@@ -235,7 +295,7 @@ def fit_once(model_name: str, config: str, steps: int, device: str, root: str) -
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        callbacks=[start, *watched, end],
+        callbacks=[start, *bracketed(watched, clock), end],
     )
     sync(device)
     begin = time.perf_counter()
@@ -250,7 +310,36 @@ def fit_once(model_name: str, config: str, steps: int, device: str, root: str) -
         start=start.starts[0] - begin,
         end=done - end.ends[-1],
         cadence=_cadence(watched),
+        direct=clock.seconds,
+        hook_calls=clock.hook_calls,
     )
+
+
+def lock_step(model_name: str, config: str, steps: int, device: str, root: str) -> tuple[Run, Run]:
+    """A bare fit and a ``config`` fit taking turns one step each (see the module docstring): (bare, watched)."""
+    lock = LockStep()
+    runs: list[Run | None] = [None, None]
+    errors: list[BaseException] = []
+
+    def side(who: int, name: str) -> None:
+        try:
+            lock.wait(who)
+            runs[who] = fit_once(model_name, name, steps, device, root, Turn(lock, who))
+        except BaseException as err:  # re-raised in the caller's thread
+            errors.append(err)
+        finally:
+            lock.finish(who)
+
+    threads = [threading.Thread(target=side, args=(who, name)) for who, name in enumerate(("bare", config))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    bare, watched = runs
+    assert bare is not None and watched is not None
+    return bare, watched
 
 
 class Batches:
@@ -278,12 +367,27 @@ def classify(step: int, cadence: Cadence) -> str:
     return "plain"
 
 
-def per_class(run: Run, cadence: Cadence, warmup: int) -> dict[str, float]:
+def paired_extra(bare: Run, run: Run, cadence: Cadence, warmup: int) -> dict[str, float]:
+    """Per step class: the median of (watched step - its bare twin) over the steps of a lock-step pair."""
     groups: dict[str, list[float]] = {"plain": [], "sampled": [], "logging": []}
-    for i, (step, seconds) in enumerate(zip(run.steps, run.times)):
+    for i, (step, seconds, twin) in enumerate(zip(run.steps, run.times, bare.times)):
         if i >= warmup or classify(step, cadence) == "logging":  # logging steps are few: keep them all
+            groups[classify(step, cadence)].append(seconds - twin)
+    return {name: statistics.median(v) if v else math.nan for name, v in groups.items()}
+
+
+def direct_per_class(run: Run, cadence: Cadence, warmup: int) -> dict[str, float]:
+    """Per step class: the median seconds spent inside the watched callbacks."""
+    groups: dict[str, list[float]] = {"plain": [], "sampled": [], "logging": []}
+    for i, (step, seconds) in enumerate(zip(run.steps, run.direct)):
+        if i >= warmup or classify(step, cadence) == "logging":
             groups[classify(step, cadence)].append(seconds)
     return {name: statistics.median(v) if v else math.nan for name, v in groups.items()}
+
+
+def plain_median(run: Run, cadence: Cadence, warmup: int) -> float:
+    return statistics.median(t for i, (s, t) in enumerate(zip(run.steps, run.times)) if i >= warmup
+                             and classify(s, cadence) == "plain")  # fmt: skip
 
 
 @dataclass
@@ -297,6 +401,11 @@ class Result:
     start_extra_ms: list[float] = field(default_factory=list)
     whole_run_ratio: list[float] = field(default_factory=list)
     cadence: str = ""
+    # direct: inside the watched callbacks (DirectClock), per step class and over all steps
+    direct_us: dict[str, list[float]] = field(default_factory=lambda: {"plain": [], "sampled": [], "logging": []})
+    direct_mean_us: list[float] = field(default_factory=list)
+    direct_first_us: list[float] = field(default_factory=list)
+    plain_hook_calls: list[int] = field(default_factory=list)
 
 
 def spread(values: list[float], scale: float = 1.0, digits: int = 0) -> str:
@@ -332,6 +441,25 @@ def markdown(results: list[Result], meta: dict) -> str:
             ratio_spread(r.whole_run_ratio),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Direct cost: microseconds per step inside the watched callbacks (their Lightning hooks, an empty "
+        "bracket's reading subtracted, and the module/optimizer hooks they registered); median (min..max) over rounds.",
+        "",
+        "| model | configuration | plain step | sampled step | logging step | first step | mean over all steps "
+        "| hook calls on plain steps |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        cells = [
+            r.model,
+            f"`{r.config}`",
+            *(f"{spread(r.direct_us[name], digits=1)} µs" for name in ("plain", "sampled", "logging")),
+            f"{spread(r.direct_first_us)} µs",
+            f"{spread(r.direct_mean_us, digits=1)} µs",
+            str(max(r.plain_hook_calls, default=0)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     cadences = {f"`{r.config}`: {r.cadence}" for r in results}
     lines += ["", "Step classes follow each watched run's cadence: " + "; ".join(sorted(cadences)) + "."]
     return "\n".join(lines)
@@ -362,23 +490,29 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)  # alerts and tips would interleave with the table
 
     results: list[Result] = []
-    with tempfile.TemporaryDirectory() as root:
+    with tempfile.TemporaryDirectory() as root, timed_hooks():
         for model in args.models:
             BATCHES[(model, args.steps, args.device)] = Batches(MODELS[model][1](args.steps, args.device))
             fit_once(model, "Watch()", args.steps, args.device, root)  # warm-up: discarded
             by_config = {c: Result(model, c) for c in args.configs}
             for round_ in range(args.rounds):
                 for config in args.configs:
-                    bare = fit_once(model, "bare", args.steps, args.device, root)
-                    run = fit_once(model, config, args.steps, args.device, root)
+                    bare, run = lock_step(model, config, args.steps, args.device, root)
                     cadence = run.cadence or Cadence.resolve(_TrainerLike(), None, None)
                     r = by_config[config]
                     r.cadence = f"log every {cadence.log}, sample every {cadence.sample}"
-                    b, w = per_class(bare, cadence, args.warmup), per_class(run, cadence, args.warmup)
-                    r.bare_plain_us.append(b["plain"] * 1e6)
-                    for name in r.extra_us:
-                        r.extra_us[name].append((w[name] - b[name]) * 1e6)
+                    r.bare_plain_us.append(plain_median(bare, cadence, args.warmup) * 1e6)
+                    for name, extra in paired_extra(bare, run, cadence, args.warmup).items():
+                        r.extra_us[name].append(extra * 1e6)
                     r.mean_extra_us.append((statistics.fmean(run.times) - statistics.fmean(bare.times)) * 1e6)
+                    for name, seconds in direct_per_class(run, cadence, args.warmup).items():
+                        r.direct_us[name].append(seconds * 1e6)
+                    r.direct_mean_us.append(statistics.fmean(run.direct) * 1e6)
+                    r.direct_first_us.append(run.direct[0] * 1e6)
+                    r.plain_hook_calls.append(sum(n for i, (step, n) in enumerate(zip(run.steps, run.hook_calls))
+                                                  if i >= 1 and classify(step, cadence) == "plain"))  # fmt: skip
+                    # fixed costs and the whole run: whole fits of their own, each after a bare one
+                    bare, run = (fit_once(model, c, args.steps, args.device, root) for c in ("bare", config))
                     r.end_extra_ms.append((run.end - bare.end) * 1e3)
                     r.start_extra_ms.append((run.start - bare.start) * 1e3)
                     r.whole_run_ratio.append(run.wall / bare.wall)

@@ -51,6 +51,8 @@ class ModuleInfo:
     #: the last parameter-owning module registered before this one: an activation's input
     #: layout (channels first or last) is that module's output layout.
     producer: nn.Module | None
+    #: whether the module owns parameters itself (a layer), found once: every sampled step arms hooks
+    is_layer: bool = False
 
 
 class CapturedOutput:
@@ -167,7 +169,9 @@ class CaptureEngine:
         # in `__init__`, then reused after each layer) takes the layout of the first such layer
         first = next((module for module in producers if owns_parameters(module)), None)
         return [
-            ModuleInfo(name, module, _bounds_of(module), _first_not_none(producers.get(module), first))
+            ModuleInfo(
+                name, module, _bounds_of(module), _first_not_none(producers.get(module), first), owns_parameters(module)
+            )
             for name, module in named
         ]
 
@@ -217,7 +221,7 @@ class CaptureEngine:
                 continue
             armed = self._armed.setdefault(info.module, [])
             if index in skipped:
-                if not owns_parameters(info.module):
+                if not info.is_layer:
                     continue
                 # not measured for this subscriber, but still hooked: its hook returns at once after
                 # noting the layer that ran, which tells the next activation its unit layout
@@ -239,7 +243,7 @@ class CaptureEngine:
                     handle.remove()
 
     def _make_hook(self, info: ModuleInfo):
-        is_layer = owns_parameters(info.module)
+        is_layer = info.is_layer
 
         def hook(module: nn.Module, args: object, output: object) -> None:
             self.hook_calls += 1

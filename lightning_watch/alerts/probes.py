@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -271,6 +273,7 @@ class GradientHygiene(_Probe):
     def __init__(self) -> None:
         super().__init__()
         self._handles: list[Any] = []
+        self._judging: list[Any] = []  # the pre-step hooks of a checked batch
         self._stepped = False
         self._modules: list[tuple[str, list[nn.Parameter]]] = []
         self._missing: dict[str, float] = {}  # module -> 1.0, this window (host knowledge)
@@ -285,15 +288,16 @@ class GradientHygiene(_Probe):
         self.state.declare("without", (2,), reduce="max")  # elements without gradient, trainable elements
         self.state.allocate(device)
         self.stop()
+        # the post-step hook (one call per step) tells that an optimizer stepped; the pre-step hook that
+        # judges is there only on checked batches (:meth:`before_backward` to :meth:`end_batch`)
         self._handles = [opt.register_step_post_hook(self._after_step) for opt in optimizers]
-        self._handles += [opt.register_step_pre_hook(self._before_step) for opt in optimizers]
         self._optimizers = list(optimizers)
         self._owner = {id(p): name for name, module in model.named_modules() for p in module.parameters(recurse=False)}
 
     def stop(self) -> None:
-        for handle in self._handles:
+        for handle in self._handles + self._judging:
             handle.remove()
-        self._handles = []
+        self._handles, self._judging = [], []
         self._optimizers = []
         self._stepped = False
         # per optimizer (by id): zeroed at a checked backward since its last step (a device bool), and
@@ -326,6 +330,8 @@ class GradientHygiene(_Probe):
         self._checked_now = checked
         if not checked or not self.state.allocated:
             return
+        if not self._judging:
+            self._judging = [opt.register_step_pre_hook(self._before_step) for opt in self._optimizers]
         for opt in self._optimizers:
             if id(opt) not in self._observed:
                 continue  # never stepped: its first gradients may be there (accumulation)
@@ -346,6 +352,9 @@ class GradientHygiene(_Probe):
     def end_batch(self) -> None:
         """A checked batch is over: the optimizer steps of the quiet batches that follow are not judged."""
         self._checked_now = False
+        for handle in self._judging:
+            handle.remove()
+        self._judging = []
 
     def before_optimizer_step(self, optimizer: Optimizer) -> None:
         """On the logging step: which trainable parameters of ``optimizer`` got no gradient."""
@@ -463,11 +472,15 @@ class LossTrend(_Probe):
 
     PRODUCES = ("loss_slope", "loss_slope_points")
 
-    def start(self, cadence: Cadence, device: torch.device) -> None:
+    def start(self, cadence: Cadence, device: torch.device, host: bool | None = None) -> None:
+        """``host``: keep the sums as host numbers (default: on the CPU, where reading a loss costs no sync)."""
         self.cadence = cadence
         self.state.clear()
+        # A CPU loss is read for free (no device to wait for): its sums are kept on the host, so a sampled
+        # step costs no kernel; on an accelerator they stay on the device and a sampled step never syncs.
+        self._on_host = device.type == "cpu" if host is None else host
         # n, sum t, sum t^2, sum L, sum tL, with t relative to the window's first sampled step (well conditioned)
-        self.state.declare("sums", (5,), reduce="sum", dtype=torch.float64)
+        self.state.declare("sums", (5,), reduce="sum", dtype=torch.float64, host=self._on_host)
         self.state.allocate(device)
         self._origin: int | None = None
 
@@ -478,8 +491,15 @@ class LossTrend(_Probe):
         if self._origin is None:
             self._origin = step
         sums = self.state["sums"]
-        value = local_tensor(loss).detach().reshape(()).to(device=sums.device, dtype=sums.dtype)
         t = float(step - self._origin)
+        loss = local_tensor(loss).detach()
+        if isinstance(sums, list):
+            value = float(loss.reshape(()))
+            if math.isfinite(value):
+                for i, term in enumerate((1.0, t, t * t, value, value * t)):
+                    sums[i] += term
+            return
+        value = loss.reshape(()).to(device=sums.device, dtype=sums.dtype)
         row = torch.stack([torch.ones_like(value), value.new_tensor(t), value.new_tensor(t * t), value, value * t])
         sums.add_(torch.where(torch.isfinite(value), row, torch.zeros_like(row)))
 

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_watch.cadence import Cadence, check_interval, logging_step, steps_optimizer
+from lightning_watch.cadence import NEVER, Cadence, QuietSteps, check_interval, logging_step, steps_optimizer
 from lightning_watch.callback_keys import CachedStateKey
 from lightning_watch.capture import CapturedOutput, CaptureEngine, ModuleInfo
 from lightning_watch.hub import SnapshotListener, StatHub
@@ -82,6 +82,8 @@ class WatchMonitor(CachedStateKey):
         self._device = torch.device("cpu")
         self.last_snapshot: Snapshot | None = None
         self._sampling = False  # whether the current batch is sampled
+        self._quiet = QuietSteps()  # standalone use: the steps before the next one this monitor works at
+        self._plain = False  # standalone use: whether the current batch is one of them
         self._histogram_due = False  # whether the current batch writes histograms
         self._pending_listeners: list[SnapshotListener] = []
         #: the device accumulators of the open window, declared by ``_declare_state`` each fit
@@ -155,6 +157,10 @@ class WatchMonitor(CachedStateKey):
         # the window's accumulators stay: `trainer.save_checkpoint` after fit still saves them
         self._on_teardown()
 
+    def next_busy(self, step: int) -> int:
+        """The first step ``>= step`` at which this monitor measures (``cadence.NEVER`` before it is set up)."""
+        return NEVER if self._cadence is None else self._cadence.next_sample_step(step)
+
     def begin_batch(self, step: int) -> None:
         """Arm the capture engine if ``step`` is sampled."""
         self._sampling = self._cadence.is_sample_step(step)
@@ -210,6 +216,7 @@ class WatchMonitor(CachedStateKey):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start(trainer, pl_module)
+        self._quiet, self._plain = QuietSteps(), False  # the first batch is never quiet
         notice = self._cadence.floor_notice(type(self).__name__)
         if notice:
             rank_zero_info(notice)
@@ -228,23 +235,33 @@ class WatchMonitor(CachedStateKey):
         # crash in the user's code would leave our hooks on their model (and it would not pickle)
         self.teardown(trainer, pl_module, "fit")
 
+    # The fast path, as in `Watch`: a batch before the next step this monitor or the hub has work at
+    # costs one comparison in `on_train_batch_start`; its other hooks return at once.
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self.begin_batch(logging_step(trainer))
+        self._plain = self._quiet.quiet(trainer)
+        if not self._plain:
+            self.begin_batch(logging_step(trainer))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        self.before_optimizer_step(trainer, pl_module, optimizer, logging_step(trainer))
+        if not self._plain:
+            self.before_optimizer_step(trainer, pl_module, optimizer, logging_step(trainer))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._plain:
+            return
         stepped = steps_optimizer(trainer)
-        self.end_batch(trainer, pl_module, stepped, logging_step(trainer))
+        step = logging_step(trainer)
+        self.end_batch(trainer, pl_module, stepped, step)
         if stepped:
-            StatHub.for_trainer(trainer).batch_end(self, trainer, pl_module)
+            hub = StatHub.for_trainer(trainer)
+            hub.batch_end(self, trainer, pl_module)
+            self._quiet.after(step, self.next_busy, hub.next_due)
 
     # ------------------------------------------------------------------ subclass interface
     def _declare_state(self, state: StateRegistry) -> None:

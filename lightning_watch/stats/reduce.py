@@ -84,24 +84,28 @@ def read_blocks(blocks: Sequence[StatBlock], gather: Gather | None = None) -> di
         for _, t, _ in entries
     ]
     sizes = [f.numel() for f in flat]
-    signs = torch.tensor([sign for (_, _, sign), n in zip(entries, sizes) for _ in range(n)], device=device)
-    # one cat (it promotes bools and narrower floats to the accumulator dtype); a min is a max of negated
-    # values, so one gather and one amax serve both: a few kernels per read, whatever the number of entries
+    # one cat (it promotes bools and narrower floats to the accumulator dtype)
     packed = torch.cat([f.to(device) for f in flat]).to(dtype)
-    packed = torch.where(signs < 0, -packed, packed)
     if gather is not None:
+        # a min is a max of negated values, so one gather and one amax serve both: a few kernels per
+        # read, whatever the number of entries (the signs are per entry, expanded on the device)
+        signs = torch.repeat_interleave(
+            torch.tensor([sign for _, _, sign in entries], device=device),
+            torch.tensor(sizes, device=device),
+            output_size=sum(sizes),  # known here: the device need not be asked (no sync)
+        )
+        packed = torch.where(signs < 0, -packed, packed)
         gathered = gather(packed)
         if gathered.dim() == 2 and gathered.shape[0] > 1:
             gathered = gathered.to(device)
             packed = torch.where(signs != 0, gathered.amax(0), gathered.sum(0))
         elif gathered.dim() == 2:
             packed = gathered[0]
+        packed = torch.where(signs < 0, -packed, packed)
     values = packed.tolist()  # the host transfer: a sync point, on logging steps only
     start = 0
-    for (name, tensor, sign), size in zip(entries, sizes):
+    for (name, tensor, _), size in zip(entries, sizes):
         chunk = values[start : start + size]
-        if sign < 0:
-            chunk = [-v for v in chunk]
         out[name] = chunk[0] if isinstance(tensor, Tensor) and tensor.dim() == 0 else chunk
         start += size
     return out

@@ -592,3 +592,24 @@ def test_outputs_that_are_not_classes_do_not_count_the_classes(tmp_path):
     logged = read_scalars(trainer.log_dir)
     assert logged["watch/global/label_classes_seen"][-1][1] == 10.0  # 1 + the largest label
     assert logged["watch/global/label_rarest_share_seen"][-1][1] > 0.5
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host sums", "device sums"])
+def test_the_loss_trend_fits_the_same_line_with_host_or_device_sums(host):
+    from lightning_watch.alerts.probes import LossTrend
+    from lightning_watch.cadence import Cadence
+    from lightning_watch.snapshot import Snapshot
+    from lightning_watch.stats import read_blocks
+
+    trend = LossTrend()
+    trend.start(Cadence(log=10, sample=1), torch.device("cpu"), host=host)
+    steps = [3, 4, 6, 9, 12]
+    losses = [2.0, 1.7, float("nan"), 1.1, 0.4]  # a non-finite loss is left out of the fit
+    for step, loss in zip(steps, losses):
+        trend.observe(step, torch.tensor(loss, dtype=torch.float64))
+    snapshot = Snapshot(step=12, epoch=0)
+    trend.finalize(read_blocks([trend.collect()]), snapshot)
+    kept = [(s, v) for s, v in zip(steps, losses) if v == v]
+    expected = _least_squares_slope([s for s, _ in kept], [v for _, v in kept])
+    assert snapshot.get("loss_slope") == pytest.approx(expected, rel=1e-9)
+    assert snapshot.get("loss_slope_points") == len(kept)
