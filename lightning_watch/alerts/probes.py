@@ -7,10 +7,9 @@ costs a host sync. They feed the detectors of :mod:`lightning_watch.alerts.detec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import math
 
 import torch
 from torch import Tensor, nn
