@@ -7,11 +7,15 @@ configuration is its median step time over the mean of its two neighbouring bare
 so drifts of a shared machine cancel. One discarded bare fit warms the process up first.
 The table reports the median ratio over rounds with its min–max. Step time is measured from one
 ``on_train_batch_start`` to the next (the whole iteration: data, forward, backward, optimizer,
-every callback, logging), warm-up steps excluded; the budget is about the median of the
-non-logging steps, and "all steps, mean ratio" shows what the sampled, logging and drawing steps
-add on average over the run. Logging steps are reported apart (extra
-milliseconds over the bare run's logging step), and "late/early steps" compares the last third
-of a run's steps with its first third (1.0: the cost does not grow with the steps already run).
+every callback, logging), warm-up steps excluded. The budget is about what a user pays, the whole
+run: "all steps, mean ratio" holds every step after warm-up (plain, sampled, logging and drawing
+steps); the median step ratio is shown beside it. "Direct cost" is the time spent inside the
+callbacks per step after warm-up, as a share of the bare run's mean step (``direct_cost.py``:
+their Lightning hooks, bracketed, and the module and optimizer hooks they registered); it is a
+floor of the cost, resolved where the ratios scatter by several percent from round to round.
+Logging steps are reported apart (extra milliseconds over the bare run's logging step), and
+"late/early steps" compares the last third of a run's steps with its first third (1.0: the cost
+does not grow with the steps already run).
 
 Memory: on CUDA, the extra ``torch.cuda.max_memory_allocated`` over the bare run; on a CPU, the
 extra growth of the process's peak resident set during the fit (Linux: the peak is reset through
@@ -25,7 +29,7 @@ Configurations:
     bare            no callback
     grad, delta,    each lightning_watch monitor alone
     act, dead
-    watch           ``Watch()``: the default, the row the budget is about
+    watch           ``Watch()``: the default, the row the budget is about (whole run)
     watch_hist      ``Watch(histogram_every_n_steps=<log interval>)``
     watch_all_steps ``Watch(log_every_n_steps=<Trainer's>)``: at log_every_n_steps=1, statistics on
                     every step instead of Watch()'s floor of one write per 10 steps
@@ -57,6 +61,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from direct_cost import DirectClock, bracketed, timed_hooks
+
 from lightning_watch import (
     ActivationScaleMonitor,
     DeadUnitMonitor,
@@ -307,6 +314,7 @@ class Run:
     held: int = 0  # tensor bytes the callbacks hold between steps
     mean: float = 0.0  # mean of every step after warm-up
     end_of_fit: float = 0.0  # seconds spent in on_train_end hooks
+    direct: float = 0.0  # mean seconds per step (after warm-up) spent inside the callbacks (direct_cost.py)
 
     @property
     def median(self) -> float:
@@ -337,6 +345,7 @@ class Result:
     peak_extra_mib: list[float] = field(default_factory=list)
     held_kib: list[float] = field(default_factory=list)
     bare_ms: list[float] = field(default_factory=list)
+    direct_share: list[float] = field(default_factory=list)  # direct cost per step / bare mean step
 
 
 def make_data(workload: str, steps: int, device: torch.device) -> DataLoader:
@@ -355,7 +364,8 @@ def run_once(workload: str, config: str, steps: int, log_every: int, device: tor
     model = Classifier(factory(), docs_recipe=config == "docs_recipe")
     watched = make_callbacks(config, log_every)
     timer = StepTimer(device, log_every, watched)
-    callbacks = [*watched, timer]
+    clock = DirectClock()
+    callbacks = [*bracketed(watched, clock), timer]
     rss_start = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -383,7 +393,8 @@ def run_once(workload: str, config: str, steps: int, log_every: int, device: tor
     else:
         hwm = _status_bytes("VmHWM")
         peak = hwm - rss_start if hwm is not None and rss_start is not None else None
-    return Run(plain, logged, peak, timer.held, timer.mean_step(warmup), timer.end_of_fit)
+    direct = statistics.fmean(clock.seconds[warmup:]) if clock.seconds[warmup:] else 0.0
+    return Run(plain, logged, peak, timer.held, timer.mean_step(warmup), timer.end_of_fit, direct)
 
 
 def bench_workload(workload: str, configs: list[str], args, device: torch.device) -> dict[str, Result]:
@@ -415,6 +426,7 @@ def bench_workload(workload: str, configs: list[str], args, device: torch.device
             bare = Run.between(bares[position], bares[position + 1])
             result.ratios.append(run.median / bare.median)
             result.mean_ratios.append(run.mean / bare.mean)
+            result.direct_share.append(run.direct / bare.mean)
             result.end_extra_ms.append((run.end_of_fit - bare.end_of_fit) * 1e3)
             result.bare_ms.append(bare.median * 1e3)
             if run.logged and bare.logged:
@@ -461,6 +473,12 @@ def fmt_ratio(values: list[float]) -> str:
     if not values:
         return "–"
     return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def fmt_percent(values: list[float]) -> str:
+    if not values:
+        return "–"
+    return f"{100 * statistics.median(values):.2f} ({100 * min(values):.2f}–{100 * max(values):.2f})"
 
 
 def fmt_num(values: list[float], sign: str = "+") -> str:
@@ -521,38 +539,41 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     rows = []
-    for workload in args.workloads:
-        results = bench_workload(workload, configs, args, device)
-        sync = check_no_sync(workload, args, device)
-        for config, result in results.items():
-            rows.append((workload, args.log_every, config, result, sync if config == "watch" else ""))
-            if not args.markdown:
-                print(f"{workload:12s} {config:12s} {fmt_ratio(result.ratios)}", flush=True)
-        if args.every_step:
-            every = argparse.Namespace(**{**vars(args), "log_every": 1})
-            pair = [
-                "bare",
-                *[c for c in EVERY_STEP_CONFIGS if c in configs or (c == "watch_all_steps" and "watch" in configs)],
-            ]
-            for config, result in bench_workload(workload, pair, every, device).items():
-                rows.append((workload, 1, config, result, ""))
+    # the direct clock times the module and optimizer hooks lightning_watch registers
+    with timed_hooks():
+        for workload in args.workloads:
+            results = bench_workload(workload, configs, args, device)
+            sync = check_no_sync(workload, args, device)
+            for config, result in results.items():
+                rows.append((workload, args.log_every, config, result, sync if config == "watch" else ""))
                 if not args.markdown:
-                    print(f"{workload:12s} {config:12s} (every step) {fmt_ratio(result.ratios)}", flush=True)
+                    print(f"{workload:12s} {config:12s} {fmt_ratio(result.ratios)}", flush=True)
+            if args.every_step:
+                every = argparse.Namespace(**{**vars(args), "log_every": 1})
+                pair = [
+                    "bare",
+                    *[c for c in EVERY_STEP_CONFIGS if c in configs or (c == "watch_all_steps" and "watch" in configs)],
+                ]
+                for config, result in bench_workload(workload, pair, every, device).items():
+                    rows.append((workload, 1, config, result, ""))
+                    if not args.markdown:
+                        print(f"{workload:12s} {config:12s} (every step) {fmt_ratio(result.ratios)}", flush=True)
 
     print()
     memory = "extra peak CUDA memory, MiB" if device.type == "cuda" else "extra peak RSS, MiB"
-    print(f"| workload | log every | configuration | step-time ratio vs bare | budget | all steps, mean ratio | "
-          f"logging step, extra ms | end of fit, extra ms | "
+    print(f"| workload | log every | configuration | step-time ratio vs bare | all steps, mean ratio | budget | "
+          f"direct cost, % of a bare step | logging step, extra ms | end of fit, extra ms | "
           f"late/early steps | {memory} | state held, KiB | host syncs off logging steps |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     every_step_hooks = {w: r for w, e, c, r, _ in rows if e == 1 and c == "item_hooks"}
     for workload, every, config, result, sync in rows:
         budget = WORKLOADS[workload][3]
         if device.type == "cuda":
             budget = 0.02
         verdict = ""
-        if config == "watch" and every == args.log_every != 1 and result.ratios:
-            verdict = "✅" if statistics.median(result.ratios) <= 1 + budget else "❌"
+        if config == "watch" and every == args.log_every != 1 and result.mean_ratios:
+            # judged on what a user pays: the whole run (every step, logging and drawing included)
+            verdict = "✅" if statistics.median(result.mean_ratios) <= 1 + budget else "❌"
             verdict = f"≤ {1 + budget:.2f} {verdict}"
         hooks = every_step_hooks.get(workload)
         if config == "watch" and every == 1 and hooks is not None and result.ratios:
@@ -562,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = f"{statistics.median(result.log_extra_ms):+.1f}" if result.log_extra_ms else "–"
         print(
             f"| {workload} (bare {statistics.median(result.bare_ms):.1f} ms) | {every} | {config} | "
-            f"{fmt_ratio(result.ratios)} | {verdict} | {fmt_ratio(result.mean_ratios)} | {extra} | "
+            f"{fmt_ratio(result.ratios)} | {fmt_ratio(result.mean_ratios)} | {verdict} | "
+            f"{fmt_percent(result.direct_share)} | {extra} | "
             f"{fmt_num(result.end_extra_ms, sign='')} | "
             f"{fmt_ratio(result.drift)} | "
             f"{fmt_num(result.peak_extra_mib)} | {fmt_num(result.held_kib, sign='')} | {sync} |"

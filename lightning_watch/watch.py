@@ -110,6 +110,7 @@ class Watch(CachedStateKey):
         self._listeners: list[SnapshotListener] = []
         self._busy = False  # whether any monitor works on the current batch
         self._plain = False  # whether the current batch is a quiet one: nothing to do but keep the loss
+        self._records_backward = True  # whether a quiet batch's backward loss is kept (manual optimization)
         self._quiet = QuietSteps()  # the steps before the next one anything is due at
         self._shown: int | None = None  # alert count in the progress bar
         # end-of-fit health report and TensorBoard pictures (lightning_watch/views/)
@@ -170,6 +171,7 @@ class Watch(CachedStateKey):
         sources = list(self.monitors)
         if self.early_alerts is not None:
             self.early_alerts.start(trainer, pl_module)
+            self._records_backward = self.early_alerts.records_backward
             sources += self.early_alerts.sources()
         StatHub.for_trainer(trainer).join(self, sources)
         self._quiet = QuietSteps()  # the first batch runs the one-time checks
@@ -221,7 +223,8 @@ class Watch(CachedStateKey):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._plain = self._quiet.quiet(trainer)
+        # `self._quiet.quiet(trainer)`, one call fewer: this runs on every batch
+        self._plain = logging_step(trainer) < self._quiet.until
         if self._plain:
             return
         if self.early_alerts is not None:  # first: its one-time checks run before any hook is armed
@@ -244,7 +247,7 @@ class Watch(CachedStateKey):
             return
         if not self._plain:
             alerts.before_backward(trainer, pl_module, loss)
-        else:  # the loss of a manual `training_step` that returns nothing
+        elif self._records_backward:  # the loss of a manual `training_step` that returns nothing
             alerts.record_backward(loss)
 
     def on_train_batch_end(

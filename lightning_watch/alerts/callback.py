@@ -218,7 +218,9 @@ class EarlyAlerts(CachedStateKey):
             self.inputs: lambda: self.inputs.start(self._cadence, device),
             self.outputs: lambda: self.outputs.start(self._cadence, device),
             self.labels: lambda: self.labels.start(self._cadence, device),
-            self.hygiene: lambda: self.hygiene.start(self._cadence, device, pl_module, trainer.optimizers),
+            self.hygiene: lambda: self.hygiene.start(
+                self._cadence, device, pl_module, trainer.optimizers, automatic=self._automatic
+            ),
             self.symmetry: lambda: self.symmetry.start(self._cadence, device, pl_module),
             self.trend: lambda: self.trend.start(self._cadence, device),
             self.facts: lambda: self.facts.start(self._cadence, device, pl_module),
@@ -296,8 +298,13 @@ class EarlyAlerts(CachedStateKey):
     def before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         """Lightning is about to backpropagate ``loss`` (both optimization modes)."""
         # checked, and judged, on logging steps: one batch per window suffices for an invariant
-        self.hygiene.before_backward(self._logging)
+        self.hygiene.before_backward(self._logging, trainer.global_step if self._automatic else 0)
         self.record_backward(loss)
+
+    @property
+    def records_backward(self) -> bool:
+        """Whether :meth:`record_backward` does anything (manual optimization): a quiet automatic batch skips it."""
+        return not self._automatic
 
     def record_backward(self, loss: Any) -> None:
         """A quiet batch's backward: keep the value of a manual ``training_step``'s loss (not its graph)."""

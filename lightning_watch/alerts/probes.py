@@ -273,23 +273,34 @@ class GradientHygiene(_Probe):
         super().__init__()
         self._handles: list[Any] = []
         self._judging: list[Any] = []  # the pre-step hooks of a checked batch
-        self._stepped = False
+        self._automatic = False
         self._modules: list[tuple[str, list[nn.Parameter]]] = []
         self._missing: dict[str, float] = {}  # module -> 1.0, this window (host knowledge)
         self._clean: dict[int, Any] = {}
         self._observed: dict[int, bool] = {}
         self._checked_now = False
 
-    def start(self, cadence: Cadence, device: torch.device, model: nn.Module, optimizers: Sequence[Optimizer]) -> None:
+    def start(
+        self,
+        cadence: Cadence,
+        device: torch.device,
+        model: nn.Module,
+        optimizers: Sequence[Optimizer],
+        automatic: bool = False,
+    ) -> None:
+        """``automatic``: Lightning steps the one optimizer (automatic optimization), so the trainer's step
+        count tells when it stepped (:meth:`before_backward`'s ``optimizer_steps``) and no hook runs per step."""
         self.cadence = cadence
         self.state.clear()
         self.state.declare("stale", (1,), reduce="max")
         self.state.declare("without", (2,), reduce="max")  # elements without gradient, trainable elements
         self.state.allocate(device)
         self.stop()
-        # the post-step hook (one call per step) tells that an optimizer stepped; the pre-step hook that
-        # judges is there only on checked batches (:meth:`before_backward` to :meth:`end_batch`)
-        self._handles = [opt.register_step_post_hook(self._after_step) for opt in optimizers]
+        # Under manual optimization a post-step hook (one call per step) tells that an optimizer stepped;
+        # the pre-step hook that judges is there only on checked batches (before_backward to end_batch).
+        self._automatic = automatic and len(optimizers) == 1
+        if not self._automatic:
+            self._handles = [opt.register_step_post_hook(self._after_step) for opt in optimizers]
         self._optimizers = list(optimizers)
         self._owner = {id(p): name for name, module in model.named_modules() for p in module.parameters(recurse=False)}
 
@@ -298,15 +309,14 @@ class GradientHygiene(_Probe):
             handle.remove()
         self._handles, self._judging = [], []
         self._optimizers = []
-        self._stepped = False
         # per optimizer (by id): zeroed at a checked backward since its last step (a device bool), and
         # whether a checked backward was seen since that step
         self._clean: dict[int, Any] = {}
         self._observed: dict[int, bool] = {}
         self._checked_now = False
+        self._steps_seen: int | None = None  # automatic optimization: the step count of the last checked backward
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        self._stepped = True
         self._clean[id(optimizer)] = None
         self._observed[id(optimizer)] = False
 
@@ -321,15 +331,24 @@ class GradientHygiene(_Probe):
     def _trainable(self) -> list[nn.Parameter]:
         return [p for opt in self._optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad]
 
-    def before_backward(self, checked: bool) -> None:
+    def before_backward(self, checked: bool, optimizer_steps: int = 0) -> None:
         """Lightning is about to backpropagate: note, per optimizer that stepped, whether its gradients are zero.
 
-        ``checked``: whether this step is one the invariant is checked on (the logging step).
+        ``checked``: whether this step is one the invariant is checked on (the logging step);
+        ``optimizer_steps``: the trainer's step count (read under automatic optimization only).
         """
         self._checked_now = checked
         if not checked or not self.state.allocated:
             return
-        if not self._judging:
+        if self._automatic and optimizer_steps != self._steps_seen:
+            # the optimizer stepped since the last checked backward (what the post-step hook tells otherwise)
+            self._steps_seen = optimizer_steps
+            if optimizer_steps > 0:
+                self._after_step(self._optimizers[0], (), {})
+        if not self._judging and not self._automatic:
+            # a manual `opt.step()` runs its pre-step hooks after this backward; under automatic
+            # optimization they run before the closure that backpropagates, so Lightning's
+            # `on_before_optimizer_step` (:meth:`before_optimizer_step`) judges instead
             self._judging = [opt.register_step_pre_hook(self._before_step) for opt in self._optimizers]
         for opt in self._optimizers:
             if id(opt) not in self._observed:
@@ -356,9 +375,12 @@ class GradientHygiene(_Probe):
         self._judging = []
 
     def before_optimizer_step(self, optimizer: Optimizer) -> None:
-        """On the logging step: which trainable parameters of ``optimizer`` got no gradient."""
+        """On the logging step: which trainable parameters of ``optimizer`` got no gradient (and, under
+        automatic optimization, whether its backward started from zeroed gradients)."""
         if not self.state.allocated:
             return
+        if self._automatic:
+            self._before_step(optimizer, (), {})
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         if not params:
             return

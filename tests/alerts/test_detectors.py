@@ -534,6 +534,23 @@ def test_batches_of_one_are_noisy_at_a_lower_bound(tmp_path):
 
 
 # ---------------------------------------------------------------------- two optimizers; labels that are not classes
+class NeverZeroed(Classifier):
+    """Automatic optimization whose ``optimizer_zero_grad`` was overridden to do nothing."""
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        pass
+
+
+def test_automatic_optimization_without_zeroing_is_an_error_and_accumulation_is_not(tmp_path):
+    sick, _ = codes(tmp_path / "sick", NeverZeroed())
+    assert sick["gradients_not_zeroed"].severity == "error"
+    watch = Watch(log_every_n_steps=10, report=False, pictures=False)
+    trainer = make_trainer(tmp_path / "accumulating", [watch], max_steps=30, max_epochs=None, accumulate_grad_batches=4)
+    quiet_fit(trainer, Classifier(), loader(None, 32), seed=0)
+    assert trainer.global_step == 30  # 120 batches, each logging step spanning four of them
+    assert "gradients_not_zeroed" not in {a.code for a in watch.alerts}
+
+
 class TwoOptimizers(pl.LightningModule):
     """A GAN's pattern: D steps, then G backpropagates through D; ``zero_d`` zeroes D before its own backward."""
 
