@@ -456,8 +456,9 @@ class UnitSymmetry(_Probe):
         spreads = []
         for _, module in self._layers:
             w = module.weight.detach().reshape(module.weight.shape[0], -1)
-            spread = (w.amax(dim=0) - w.amin(dim=0)).amax()
-            scale = w.abs().amax()
+            high, low = w.amax(dim=0), w.amin(dim=0)  # per input, over units: two passes, no temporary
+            spread = (high - low).amax()
+            scale = torch.maximum(high.amax(), -low.amin())  # max |w|, from the same extremes
             spreads.append(torch.where(scale > 0, spread / scale, torch.ones_like(scale)).float())
         self.state["spread"].copy_(torch.stack(spreads).to(self.state["spread"].dtype))
 

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from lightning_watch.cadence import logging_step
 from lightning_watch.monitors.params import ParameterMonitor
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, l2_norms, local_tensor, nonfinite_count, replica_weight
+from lightning_watch.stats import StatBlock, l2_norms, local_tensor, nonfinite_counts, replica_weight
 
 
 class GradientNormMonitor(ParameterMonitor):
@@ -134,8 +134,9 @@ class GradientNormMonitor(ParameterMonitor):
         weights = [replica_weight(g) for g in grads]
         norms = l2_norms(grads, weights)
         module_sq = self._table.per_module_squares(params, norms, self._device)
-        # counting non-finite values is a pass per tensor; it runs on logging steps only
-        nonfinite = torch.stack([nonfinite_count(g) for g in grads]).to(self._device)
+        # counting non-finite values is a pass per tensor: logging steps only, and on the CPU only where a
+        # norm is not finite
+        nonfinite = nonfinite_counts(grads, norms).to(self._device)
         if any(w != 1.0 for w in weights):
             nonfinite = nonfinite * torch.tensor(weights, dtype=nonfinite.dtype, device=self._device)
         # several optimizers in one batch (manual optimization) add up

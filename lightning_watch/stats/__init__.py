@@ -12,6 +12,7 @@ from lightning_watch.stats.kernels import (
     local_tensor,
     moments,
     nonfinite_count,
+    nonfinite_counts,
     replica_weight,
     spread_units,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "local_tensor",
     "moments",
     "nonfinite_count",
+    "nonfinite_counts",
     "read_blocks",
     "replica_weight",
     "spread_units",
