@@ -35,11 +35,12 @@ fi
 # 1. zero host syncs off logging steps (torch.cuda.set_sync_debug_mode("error")); skipped on a CPU
 "$PY" -m pytest -q -p no:cacheprovider tests/integration/test_no_sync.py > "$OUT/no_sync.txt" 2>&1
 echo "no-sync tests: $(tail -1 "$OUT/no_sync.txt")"
-# 2. per-step cost: plain, sampled and logging steps over bare Lightning, the GPU-sized GPT included
-timeout 300 "$PY" benchmarks/step_cost.py --device "$DEVICE" --models "${MODELS[@]}" --configs "Watch()" \
+# 2. per-step cost: plain, sampled and logging steps over bare Lightning (lock-step pairs) and inside the
+#    callbacks (the direct clock), the GPU-sized GPT included; an empty callback is Lightning's dispatch floor
+timeout 300 "$PY" benchmarks/step_cost.py --device "$DEVICE" --models "${MODELS[@]}" --configs "Watch()" "empty callback" \
   "${ROUNDS[@]}" --out "$OUT/step_cost.json" > "$OUT/step_cost.md" 2> "$OUT/step_cost.log"
 echo "step cost: rc=$?"; cat "$OUT/step_cost.md"
-# 3. the four workloads of the overhead benchmark, default Watch(): step and whole-run ratios, peak memory
+# 3. the four workloads of the overhead benchmark, default Watch(): step and whole-run ratios, direct cost, peak memory
 timeout 240 "$PY" benchmarks/overhead.py --device "$DEVICE" --configs bare watch --no-every-step "${OVER[@]}" \
   --markdown > "$OUT/overhead.md" 2> "$OUT/overhead.log"
 echo "overhead: rc=$?"; cat "$OUT/overhead.md"

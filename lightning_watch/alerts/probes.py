@@ -21,7 +21,7 @@ from lightning_watch.cadence import Cadence
 from lightning_watch.outputs import primary_tensor
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, StateRegistry, l2_norms
-from lightning_watch.stats.kernels import local_tensor, reduction_dtype, sum_of_squares
+from lightning_watch.stats.kernels import cpu_values, local_tensor, reduction_dtype, sum_of_squares
 
 
 def first_float_tensor(batch: Any) -> Tensor | None:
@@ -453,14 +453,15 @@ class UnitSymmetry(_Probe):
     def _measure(self) -> None:
         if not self.state.allocated or not self._layers:
             return
-        spreads = []
+        rows = []
         for _, module in self._layers:
             w = module.weight.detach().reshape(module.weight.shape[0], -1)
             high, low = w.amax(dim=0), w.amin(dim=0)  # per input, over units: two passes, no temporary
-            spread = (high - low).amax()
-            scale = torch.maximum(high.amax(), -low.amin())  # max |w|, from the same extremes
-            spreads.append(torch.where(scale > 0, spread / scale, torch.ones_like(scale)).float())
-        self.state["spread"].copy_(torch.stack(spreads).to(self.state["spread"].dtype))
+            rows.append(torch.stack([(high - low).amax(), high.amax(), low.amin()]).float())
+        extremes = torch.stack(rows)  # (layers, 3): spread, max w, min w; the rest is one vector for all layers
+        spread, scale = extremes[:, 0], torch.maximum(extremes[:, 1], -extremes[:, 2])  # max |w|
+        relative = torch.where(scale > 0, spread / scale, torch.ones_like(scale))
+        self.state["spread"].copy_(relative.to(self.state["spread"].dtype))
 
     def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
         spreads = self._values(values, "spread")
@@ -516,7 +517,7 @@ class LossTrend(_Probe):
         t = float(step - self._origin)
         loss = local_tensor(loss).detach()
         if isinstance(sums, list):
-            value = float(loss.reshape(()))
+            value = cpu_values(loss)[0]
             if math.isfinite(value):
                 for i, term in enumerate((1.0, t, t * t, value, value * t)):
                     sums[i] += term

@@ -154,6 +154,25 @@ def nonfinite_count(x: Tensor) -> Tensor:
     return x.mul(0).nan_to_num_(1.0).sum(dtype=torch.float32)
 
 
+def cpu_values(*tensors: Tensor) -> list[float]:
+    """The values of CPU tensors, read on the host: there is no device to wait for, so this is no sync.
+
+    The CPU-only shortcuts (a finite sum needs no count of NaN/Inf) read through here, so the tests
+    that trace host reads off logging steps can tell them from a read that would sync an accelerator.
+
+    Raises:
+        ValueError: for a tensor on another device (reading it would wait for that device).
+
+    Example:
+        >>> cpu_values(torch.tensor(1.5), torch.tensor([2.0, 3.0]))
+        [1.5, 2.0, 3.0]
+    """
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("cpu_values reads CPU tensors only: on an accelerator a read is a sync")
+    flat = [t.detach().reshape(-1) for t in tensors]
+    return flat[0].tolist() if len(flat) == 1 else torch.cat(flat).tolist()  # cat promotes mixed dtypes
+
+
 def nonfinite_counts(tensors: Sequence[Tensor], norms: Sequence[Tensor]) -> Tensor:
     """NaN/Inf elements of each tensor (float32, 1-D), given their L2 norms from :func:`l2_norms`.
 
@@ -173,8 +192,9 @@ def nonfinite_counts(tensors: Sequence[Tensor], norms: Sequence[Tensor]) -> Tens
     device = norms[0].device
     if device.type != "cpu":
         return torch.stack([nonfinite_count(t) for t in tensors]).to(device)
-    finite = [math.isfinite(v) for v in torch.stack(list(norms)).tolist()]
-    return torch.tensor([0.0 if ok else float(nonfinite_count(t)) for t, ok in zip(tensors, finite)])
+    finite = [math.isfinite(v) for v in cpu_values(*norms)]
+    counts = [nonfinite_count(t) if not ok else None for t, ok in zip(tensors, finite)]
+    return torch.stack([torch.zeros((), dtype=torch.float32) if c is None else c for c in counts])
 
 
 def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01) -> Moments:
@@ -210,7 +230,7 @@ def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float 
     low, high = torch.aminmax(xf)
     squares = sum_of_squares(xf, dtype)
     # on the CPU, reading two sums costs no sync: a finite pair means no NaN/Inf (a counting pass saved)
-    finite = xf.device.type == "cpu" and math.isfinite(float(total)) and math.isfinite(float(squares))
+    finite = xf.device.type == "cpu" and all(math.isfinite(v) for v in cpu_values(total, squares))
     parts = [total, squares, total.new_zeros(()) if finite else nonfinite_count(xf).to(dtype)]
     if bounds is not None:
         lo, hi = bounds

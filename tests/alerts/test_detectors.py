@@ -630,3 +630,22 @@ def test_the_loss_trend_fits_the_same_line_with_host_or_device_sums(host):
     expected = _least_squares_slope([s for s, _ in kept], [v for _, v in kept])
     assert snapshot.get("loss_slope") == pytest.approx(expected, rel=1e-9)
     assert snapshot.get("loss_slope_points") == len(kept)
+
+
+def test_the_unit_spread_of_each_layer_matches_a_plain_pytorch_reference():
+    from lightning_watch.alerts.probes import UnitSymmetry
+    from lightning_watch.cadence import Cadence
+    from lightning_watch.stats import read_blocks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(8, 5), nn.Linear(5, 2))
+    nn.init.constant_(model[3].weight, 0.25)  # symmetric units: spread 0
+    probe = UnitSymmetry()
+    probe.start(Cadence(log=1, sample=1), torch.device("cpu"), model)
+    snapshot = Snapshot(step=0, epoch=0)
+    probe.finalize(read_blocks([probe.collect()]), snapshot)
+    for name in ("0", "2", "3"):
+        w = model.get_submodule(name).weight.detach().flatten(1)
+        expected = (w.max(dim=0).values - w.min(dim=0).values).max() / w.abs().max()
+        assert snapshot.get("unit_spread", name) == pytest.approx(expected.item(), rel=1e-6)
+    assert snapshot.get("unit_spread", "3") == 0.0

@@ -114,6 +114,19 @@ def test_spy_sees_reads_from_the_package(reads):
     assert ("to(cpu)", "reduce.py") in [(method, where.split(":")[0]) for _, method, where in calls]
 
 
+def _cpu_only(call: tuple[str, str, str]) -> bool:
+    """A read through ``kernels.cpu_values``: CPU tensors only (it raises on an accelerator), so no sync anywhere."""
+    return call[2].endswith(" cpu_values")
+
+
+def test_cpu_only_reads_refuse_accelerator_tensors():
+    from lightning_watch.stats.kernels import cpu_values
+
+    assert cpu_values(torch.tensor(2.0), torch.tensor([1.0, float("nan")]))[:2] == [2.0, 1.0]
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        cpu_values(torch.zeros(1, device="meta"))
+
+
 def test_watch_reads_the_device_once_per_logging_step_and_never_otherwise(tmp_path, reads):
     """Every monitor measuring every step (the worst case), gradient clipping on, no alerts."""
     phase, calls = reads
@@ -123,10 +136,10 @@ def test_watch_reads_the_device_once_per_logging_step_and_never_otherwise(tmp_pa
     trainer.fit(Deep(), regression_loader(n=256))
 
     assert phase.steps.count("plain") == 8 and phase.steps.count("log") == 3
-    assert [c for c in calls if c[0] in ("first", "plain")] == []
+    assert [c for c in calls if c[0] in ("first", "plain") and not _cpu_only(c)] == []
     # `.to(cpu)` counts as a read off logging steps (strict); on them, read_blocks moves tensors
     # to their own device, which is no transfer, so only the value reads are counted there
-    logging_reads = [c for c in calls if c[0] == "log" and c[1] in READS]
+    logging_reads = [c for c in calls if c[0] == "log" and c[1] in READS and not _cpu_only(c)]
     # exactly one host transfer per logging step, and it is read_blocks' documented `tolist`
     assert len(logging_reads) == 3, logging_reads
     assert all(method == "tolist" and "read_blocks" in where for _, method, where in logging_reads)
