@@ -276,6 +276,10 @@ def alive_units(x: Tensor, unit_dim: int) -> Tensor:
     return torch.amax(x.detach(), dim=others) > 0
 
 
+#: from this many elements on, :func:`grad_rows_alive` reads row extremes rather than a `!= 0` mask
+_ROWS_BY_EXTREMES = 65536
+
+
 def grad_rows_alive(grad: Tensor, unit_dim: int = 0) -> Tensor:
     """Boolean vector over output units of a weight: True where the unit's gradient is not all zero.
 
@@ -292,14 +296,17 @@ def grad_rows_alive(grad: Tensor, unit_dim: int = 0) -> Tensor:
         g = g.abs()
     if unit_dim != 0:
         g = g.transpose(0, unit_dim)
+    rows = g.reshape(g.shape[0], -1)
     if not g.numel():
         alive = g.new_zeros(g.shape[0], dtype=torch.bool)
+    elif g.numel() < _ROWS_BY_EXTREMES:
+        # "any element != 0": exact (an L2 norm would underflow for rows of tiny values), two small kernels;
+        # a NaN row counts as alive (NaN != 0): its gradient is broken, not silent
+        alive = (rows != 0).any(dim=1)
     else:
-        # A row is all zero iff its largest and smallest elements are both 0: exact (an L2 norm would
-        # underflow for rows of tiny values), and two reductions with no temporary, about 10x faster on a
-        # CPU than `(g != 0).any(1)` (measured: 0.17 against 1.8 ms for a 1024 x 1024 gradient). A NaN
-        # row counts as alive (its max is NaN, and NaN != 0): its gradient is broken, not silent.
-        rows = g.reshape(g.shape[0], -1)
+        # the same answer from a row's largest and smallest elements (all zero iff both are 0; a NaN row's
+        # max is NaN): two reductions and no temporary, 4-10x faster on a CPU from 64K elements on
+        # (measured: 0.19 against 2.0 ms for a 1024 x 1024 gradient, equal at 64 x 64)
         alive = (rows.amax(dim=1) != 0) | (rows.amin(dim=1) != 0)
     dtensor = _dtensor_type()
     if dtensor is None or not isinstance(grad, dtensor):

@@ -157,3 +157,18 @@ def test_read_blocks_rejects_duplicate_names():
 def test_accumulators_are_float64_where_the_device_has_it():
     assert accumulator_dtype(torch.device("cpu")) is torch.float64
     assert accumulator_dtype(torch.device("mps")) is torch.float32
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (300, 300)], ids=["mask path", "extremes path"])
+def test_gradient_rows_alive_match_a_plain_any_nonzero_on_both_paths(shape):
+    from lightning_watch.stats.kernels import grad_rows_alive
+
+    g = torch.randn(*shape)
+    g[1] = 0.0  # a dead unit
+    g[2] = 0.0
+    g[2, 3] = float("nan")  # broken, not silent: alive
+    g[3] = 0.0
+    g[3, -1] = -1e-30  # one tiny negative value: alive
+    expected = [bool((row != 0).any()) for row in g]
+    assert grad_rows_alive(g).tolist() == expected
+    assert expected[:4] == [True, False, True, True]
