@@ -172,3 +172,10 @@ def test_gradient_rows_alive_match_a_plain_any_nonzero_on_both_paths(shape):
     expected = [bool((row != 0).any()) for row in g]
     assert grad_rows_alive(g).tolist() == expected
     assert expected[:4] == [True, False, True, True]
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0), (0, 0)], ids=["no rows", "rows of nothing", "empty"])
+def test_gradient_rows_of_an_empty_shard_are_none_alive(shape):
+    from lightning_watch.stats.kernels import grad_rows_alive
+
+    assert grad_rows_alive(torch.zeros(*shape)).tolist() == [False] * shape[0]
