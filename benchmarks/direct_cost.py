@@ -7,7 +7,9 @@ clock here reads the callbacks' own time, within the step, at microsecond resolu
 
 - their Lightning hooks, bracketed by an :class:`Open` and a :class:`Close` callback placed right
   before and after them in the callback list; what an empty bracket right after reads is
-  subtracted, so what remains is Lightning's dispatch of the watched callbacks plus their work;
+  subtracted, so what remains is Lightning's dispatch of the watched callbacks plus their work
+  (an empty bracket before them soaks up the cold start of each hook's dispatch, which a bare run
+  pays at its own first callback; where the brackets sit still moves the figure by about ±15 µs);
 - the module and optimizer hooks ``lightning_watch`` registers, timed call by call (:func:`timed_hooks`).
 
 It does not see indirect costs (memory held, caches evicted, a writer thread's share of the

@@ -20,7 +20,9 @@ threads of one process, taking turns one step each (bare step k, watched step k,
 so each watched step is timed within milliseconds of its bare twin. A shared machine's speed drifts
 by tens of percent over seconds (measured here: a fixed Python loop took 35 to 64 ms from one fit to
 the next), which swamps a few microseconds when whole fits are compared; paired neighbouring steps
-cancel it. Each step is classified by the watched run's cadence (``lightning_watch.cadence``):
+cancel that drift, though not each fit's own speed (its memory laid out anew: still hundreds of
+microseconds per step on the tiny model, hence the direct cost below).
+Each step is classified by the watched run's cadence (``lightning_watch.cadence``):
 *logging* when ``(step + 1) % log == 0``, *sampled* when ``(step + 1) % sample == 0`` (and not
 logging), *plain* otherwise; the first ``--warmup`` steps are left out of the per-step figures. A
 class's extra is the median over its steps of (watched step - bare twin); the table shows the median
