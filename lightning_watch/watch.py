@@ -110,7 +110,6 @@ class Watch(CachedStateKey):
         self._listeners: list[SnapshotListener] = []
         self._busy = False  # whether any monitor works on the current batch
         self._plain = False  # whether the current batch is a quiet one: nothing to do but keep the loss
-        self._records_backward = True  # whether a quiet batch's backward loss is kept (manual optimization)
         self._quiet = QuietSteps()  # the steps before the next one anything is due at
         self._shown: int | None = None  # alert count in the progress bar
         # end-of-fit health report and TensorBoard pictures (lightning_watch/views/)
@@ -171,7 +170,6 @@ class Watch(CachedStateKey):
         sources = list(self.monitors)
         if self.early_alerts is not None:
             self.early_alerts.start(trainer, pl_module)
-            self._records_backward = self.early_alerts.records_backward
             sources += self.early_alerts.sources()
         StatHub.for_trainer(trainer).join(self, sources)
         self._quiet = QuietSteps()  # the first batch runs the one-time checks
@@ -223,8 +221,7 @@ class Watch(CachedStateKey):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # `self._quiet.quiet(trainer)`, one call fewer: this runs on every batch
-        self._plain = logging_step(trainer) < self._quiet.until
+        self._plain = self._quiet.quiet(trainer)
         if self._plain:
             return
         if self.early_alerts is not None:  # first: its one-time checks run before any hook is armed
@@ -247,7 +244,7 @@ class Watch(CachedStateKey):
             return
         if not self._plain:
             alerts.before_backward(trainer, pl_module, loss)
-        elif self._records_backward:  # the loss of a manual `training_step` that returns nothing
+        elif alerts.records_backward:  # the loss of a manual `training_step` that returns nothing
             alerts.record_backward(loss)
 
     def on_train_batch_end(

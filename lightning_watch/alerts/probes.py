@@ -53,6 +53,19 @@ class _Probe:
         return values.get(f"{self.key}.{name}")
 
 
+class _HookedProbe(_Probe):
+    """A probe that measures through hooks it puts on the model for one batch (``arm``) and takes off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handles: list[RemovableHandle] = []
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 class InputProbe(_Probe):
     """Scale of the training inputs: mean, std and max-abs of the logging batch's first float tensor (one per window).
 
@@ -163,7 +176,7 @@ class LabelProbe(_Probe):
         pass  # the histogram covers the whole fit
 
 
-class OutputProbe(_Probe):
+class OutputProbe(_HookedProbe):
     """The model's own output (the LightningModule's ``forward``) on logging steps (one batch per window).
 
     Measures what a classification head should not look like: the share of exactly-zero values
@@ -180,7 +193,6 @@ class OutputProbe(_Probe):
 
     def __init__(self) -> None:
         super().__init__()
-        self._handles: list[RemovableHandle] = []
         self._last: Tensor | None = None
         self._classes = 0
         self._width = self._seen_width = 0  # last dimension of the output, also for one-column outputs
@@ -202,11 +214,6 @@ class OutputProbe(_Probe):
         self.disarm()
         if self.state.allocated:
             self._handles = [m.register_forward_hook(self._hook) for m in (model, *model.children())]
-
-    def disarm(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         y = primary_tensor(output)
@@ -601,7 +608,7 @@ SIGMOID_SATURATION = 4.59511985013459
 TANH_SATURATION = 2.2975599250672945
 
 
-class RecurrentGates(_Probe):
+class RecurrentGates(_HookedProbe):
     """Saturated gates inside ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (tanh) modules, where no output hook looks.
 
     A recurrent module computes its gates inside one fused kernel: their pre-activations are no
@@ -630,7 +637,6 @@ class RecurrentGates(_Probe):
 
     def __init__(self) -> None:
         super().__init__()
-        self._handles: list[RemovableHandle] = []
         self._modules: list[tuple[str, nn.RNNBase]] = []
 
     def start(self, cadence: Cadence, device: torch.device, model: nn.Module) -> None:
@@ -657,11 +663,6 @@ class RecurrentGates(_Probe):
         self.disarm()
         if self.state.allocated:
             self._handles = [module.register_forward_hook(self._hook(i)) for i, (_, module) in enumerate(self._modules)]
-
-    def disarm(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     def _hook(self, index: int):
         def hook(module: nn.RNNBase, args: Any, output: Any) -> None:
@@ -735,7 +736,7 @@ def _gate_saturation(module: nn.RNNBase, args: Any, output: Any) -> Tensor | Non
     return torch.stack([saturated, saturated.new_tensor(float(z.numel()))])  # numel: a host number, no sync
 
 
-class ValidationInputs(_Probe):
+class ValidationInputs(_HookedProbe):
     """Scale of the validation inputs (the first batch of each validation run), next to the training ones.
 
     Armed when a validation run starts (``on_validation_start``, not the sanity check), it takes the
@@ -749,10 +750,6 @@ class ValidationInputs(_Probe):
     """
 
     PRODUCES = ("val_input_mean", "val_input_std")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._handles: list[RemovableHandle] = []
 
     def start(self, cadence: Cadence, device: torch.device) -> None:
         self.cadence = cadence
@@ -770,11 +767,6 @@ class ValidationInputs(_Probe):
         self.disarm()
         if self.state.allocated:
             self._handles = [m.register_forward_pre_hook(self._hook) for m in (model, *model.children())]
-
-    def disarm(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     def _hook(self, module: nn.Module, args: Any) -> None:
         if module.training:

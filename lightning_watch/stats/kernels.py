@@ -192,9 +192,11 @@ def nonfinite_counts(tensors: Sequence[Tensor], norms: Sequence[Tensor]) -> Tens
     device = norms[0].device
     if device.type != "cpu":
         return torch.stack([nonfinite_count(t) for t in tensors]).to(device)
-    finite = [math.isfinite(v) for v in cpu_values(*norms)]
-    counts = [nonfinite_count(t) if not ok else None for t, ok in zip(tensors, finite)]
-    return torch.stack([torch.zeros((), dtype=torch.float32) if c is None else c for c in counts])
+    counts = torch.zeros(len(tensors), dtype=torch.float32)
+    for i, (t, norm) in enumerate(zip(tensors, cpu_values(*norms))):
+        if not math.isfinite(norm):
+            counts[i] = nonfinite_count(t)
+    return counts
 
 
 def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01) -> Moments:
