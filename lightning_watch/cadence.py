@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 
+from lightning_watch.subscription import HookSubscription
+
 
 def check_interval(name: str, value: int | None, allow_none: bool = True) -> int | None:
     """Validate a ``*_every_n_steps`` argument; raises ``ValueError`` naming it."""
@@ -51,23 +53,40 @@ class QuietSteps:
 
     ``quiet(trainer)`` is one comparison; after a busy batch that stepped the optimizer,
     ``after(step, *next_busy)`` asks each ``next_busy(step) -> int`` (monitors, probes, the hub)
-    for the first step it needs, and remembers the earliest.
+    for the first step it needs, and remembers the earliest. Given the callback's
+    :class:`~lightning_watch.subscription.HookSubscription`, a run of quiet batches also costs no
+    hook call but ``keep`` (by default ``on_train_batch_end``, which calls :meth:`plain_end`).
 
     Example:
         >>> quiet = QuietSteps()
         >>> quiet.after(9, lambda s: next_due(s, [10]), lambda s: next_due(s, [50]))
+        True
         >>> quiet.until
         19
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hooks: HookSubscription | None = None, keep: Iterable[str] = ("on_train_batch_end",)) -> None:
         self.until = 0  # the first batch is never quiet: one-time checks run there
+        self._hooks = hooks
+        self._keep = tuple(keep)
+        if hooks is not None:
+            hooks.all()
 
     def quiet(self, trainer: pl.Trainer) -> bool:
         return logging_step(trainer) < self.until
 
-    def after(self, step: int, *next_busy: Callable[[int], int]) -> None:
+    def after(self, step: int, *next_busy: Callable[[int], int]) -> bool:
+        """Whether the next batch is quiet for certain (then only the ``keep`` hooks are called)."""
         self.until = min(busy(step + 1) for busy in next_busy)
+        quiet_next = step + 1 < self.until  # the next batch's step is `step + 1`, or `step` when it accumulates
+        if quiet_next and self._hooks is not None:
+            self._hooks.only(*self._keep)
+        return quiet_next
+
+    def plain_end(self, trainer: pl.Trainer) -> None:
+        """At the end of a quiet batch: every hook is called again when the next batch may be busy."""
+        if self._hooks is not None and self._hooks.narrowed and logging_step(trainer) + 1 >= self.until:
+            self._hooks.all()
 
 
 def steps_optimizer(trainer: pl.Trainer) -> bool:

@@ -22,6 +22,7 @@ from lightning_watch.monitors import (
 )
 from lightning_watch.monitors.bundle import FAMILIES, MonitorBundle
 from lightning_watch.snapshot import Snapshot
+from lightning_watch.subscription import HookSubscription
 from lightning_watch.views.live import WatchViews
 from lightning_watch.writers import progress_bar_metrics
 
@@ -110,6 +111,7 @@ class Watch(CachedStateKey):
         self._listeners: list[SnapshotListener] = []
         self._busy = False  # whether any monitor works on the current batch
         self._plain = False  # whether the current batch is a quiet one: nothing to do but keep the loss
+        self._hooks = HookSubscription(self)  # which of our hooks Lightning calls on a batch
         self._quiet = QuietSteps()  # the steps before the next one anything is due at
         self._shown: int | None = None  # alert count in the progress bar
         # end-of-fit health report and TensorBoard pictures (lightning_watch/views/)
@@ -172,7 +174,11 @@ class Watch(CachedStateKey):
             self.early_alerts.start(trainer, pl_module)
             sources += self.early_alerts.sources()
         StatHub.for_trainer(trainer).join(self, sources)
-        self._quiet = QuietSteps()  # the first batch runs the one-time checks
+        # the first batch runs the one-time checks; a quiet batch calls no hook but its loss's
+        keep = ["on_train_batch_end"]
+        if self.early_alerts is not None and self.early_alerts.records_backward:
+            keep.append("on_before_backward")  # the loss of a manual `training_step` that returns nothing
+        self._quiet = QuietSteps(self._hooks, keep)
         self._plain = False
         notice = self._bundle.floor_notice("Watch")
         if notice:
@@ -202,6 +208,7 @@ class Watch(CachedStateKey):
         self.views.on_exception(trainer, pl_module, self.alerts)
 
     def _leave(self, trainer: pl.Trainer) -> None:
+        self._hooks.stop()
         self._bundle.stop()
         hub = StatHub.for_trainer(trainer)
         for listener in (self.views.on_snapshot, self._on_snapshot, *self._listeners):
@@ -215,9 +222,10 @@ class Watch(CachedStateKey):
 
     # ------------------------------------------------------------------ the batch
     # The fast path: `_quiet` knows the first step at which any monitor, probe, one-time check or
-    # the hub has work. A batch before it costs one comparison in `on_train_batch_start`, and its
-    # other hooks return at once, except the loss: it joins its window on every batch (no kernel on
-    # the CPU, one on an accelerator, never a host sync).
+    # the hub has work. Lightning calls no hook of ours on a batch before it but `on_train_batch_end`
+    # (lightning_watch/subscription.py), where the loss joins its window (no kernel on the CPU, one
+    # on an accelerator, never a host sync); where Lightning's dispatcher cannot skip hooks, the
+    # batch costs one comparison in `on_train_batch_start` and the other hooks return at once.
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -254,6 +262,7 @@ class Watch(CachedStateKey):
         if self._plain:
             if alerts is not None and alerts.record_loss(trainer, pl_module, outputs):
                 self._show_health(trainer, pl_module)  # a non-finite loss was just raised
+            self._quiet.plain_end(trainer)
             return
         if alerts is not None:  # first: the loss joins this step's read
             alerts.end_batch(trainer, pl_module, outputs)
@@ -265,7 +274,7 @@ class Watch(CachedStateKey):
             hub = StatHub.for_trainer(trainer)
             hub.batch_end(self, trainer, pl_module)
             busy = [self._bundle.next_busy, hub.next_due] + ([alerts.next_busy] if alerts is not None else [])
-            self._quiet.after(step, *busy)
+            self._plain = self._quiet.after(step, *busy)
         self._show_health(trainer, pl_module)
 
     def _show_health(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

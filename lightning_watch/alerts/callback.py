@@ -45,6 +45,7 @@ from lightning_watch.hub import StatHub, StatSource
 from lightning_watch.monitors import WatchMonitor
 from lightning_watch.monitors.bundle import FAMILIES, MonitorBundle
 from lightning_watch.snapshot import Snapshot
+from lightning_watch.subscription import HookSubscription
 from lightning_watch.warn import WatchWarning, say
 
 
@@ -135,6 +136,7 @@ class EarlyAlerts(CachedStateKey):
         self._own = MonitorBundle([])  # used alone: the monitors built here
         self._inert = False  # used alone next to a Watch with alerts of its own: does nothing
         self._pending_state: dict[str, Any] | None = None  # a checkpoint, applied at fit start
+        self._hooks = HookSubscription(self)  # used alone: which of its hooks Lightning calls
         self._quiet, self._plain = QuietSteps(), False  # the fast path when used alone
         self._fresh()
 
@@ -502,7 +504,8 @@ class EarlyAlerts(CachedStateKey):
         self._own.start(trainer, pl_module)
         self.start(trainer, pl_module)
         self._hub.join(self, [*self._own.monitors, *self.sources()])
-        self._quiet, self._plain = QuietSteps(), False
+        keep = ("on_train_batch_end", "on_before_backward") if self.records_backward else ("on_train_batch_end",)
+        self._quiet, self._plain = QuietSteps(self._hooks, keep), False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._passive:
@@ -543,6 +546,7 @@ class EarlyAlerts(CachedStateKey):
             return
         if self._plain:
             self.record_loss(trainer, pl_module, outputs)
+            self._quiet.plain_end(trainer)
             return
         self.end_batch(trainer, pl_module, outputs)
         stepped = steps_optimizer(trainer)
@@ -550,7 +554,7 @@ class EarlyAlerts(CachedStateKey):
         self._own.end_batch(trainer, pl_module, stepped, step)
         if stepped:
             self._hub.batch_end(self, trainer, pl_module)
-            self._quiet.after(step, self._own.next_busy, self._hub.next_due, self.next_busy)
+            self._plain = self._quiet.after(step, self._own.next_busy, self._hub.next_due, self.next_busy)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._passive:
@@ -580,6 +584,7 @@ class EarlyAlerts(CachedStateKey):
         self._agreement.clear()
 
     def _leave(self, trainer: pl.Trainer) -> None:
+        self._hooks.stop()
         self._own.stop()
         hub = StatHub.for_trainer(trainer)
         hub.unlisten(self.on_snapshot)

@@ -29,6 +29,7 @@ from lightning_watch.hub import SnapshotListener, StatHub
 from lightning_watch.selection import ModuleSelection
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, StateRegistry
+from lightning_watch.subscription import HookSubscription
 
 
 def strategy_shards_parameters(trainer: pl.Trainer) -> bool:
@@ -82,6 +83,7 @@ class WatchMonitor(CachedStateKey):
         self._device = torch.device("cpu")
         self.last_snapshot: Snapshot | None = None
         self._sampling = False  # whether the current batch is sampled
+        self._hooks = HookSubscription(self)  # standalone use: which of its hooks Lightning calls
         self._quiet = QuietSteps()  # standalone use: the steps before the next one this monitor works at
         self._plain = False  # standalone use: whether the current batch is one of them
         self._histogram_due = False  # whether the current batch writes histograms
@@ -216,7 +218,7 @@ class WatchMonitor(CachedStateKey):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start(trainer, pl_module)
-        self._quiet, self._plain = QuietSteps(), False  # the first batch is never quiet
+        self._quiet, self._plain = QuietSteps(self._hooks), False  # the first batch is never quiet
         notice = self._cadence.floor_notice(type(self).__name__)
         if notice:
             rank_zero_info(notice)
@@ -227,6 +229,7 @@ class WatchMonitor(CachedStateKey):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._hooks.stop()
         self.stop()
         StatHub.for_trainer(trainer).leave(self)
 
@@ -235,8 +238,9 @@ class WatchMonitor(CachedStateKey):
         # crash in the user's code would leave our hooks on their model (and it would not pickle)
         self.teardown(trainer, pl_module, "fit")
 
-    # The fast path, as in `Watch`: a batch before the next step this monitor or the hub has work at
-    # costs one comparison in `on_train_batch_start`; its other hooks return at once.
+    # The fast path, as in `Watch`: on a batch before the next step this monitor or the hub has work
+    # at, Lightning calls only `on_train_batch_end` (or, where it cannot skip hooks, the batch costs
+    # one comparison in `on_train_batch_start` and the other hooks return at once).
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -254,6 +258,7 @@ class WatchMonitor(CachedStateKey):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._plain:
+            self._quiet.plain_end(trainer)
             return
         stepped = steps_optimizer(trainer)
         step = logging_step(trainer)
@@ -261,7 +266,7 @@ class WatchMonitor(CachedStateKey):
         if stepped:
             hub = StatHub.for_trainer(trainer)
             hub.batch_end(self, trainer, pl_module)
-            self._quiet.after(step, self.next_busy, hub.next_due)
+            self._plain = self._quiet.after(step, self.next_busy, hub.next_due)
 
     # ------------------------------------------------------------------ subclass interface
     def _declare_state(self, state: StateRegistry) -> None:

@@ -38,6 +38,7 @@ from lightning_watch.regularize.rules import (
 )
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import StatBlock, StateRegistry
+from lightning_watch.subscription import HookSubscription
 from lightning_watch.warn import warn_once
 
 
@@ -118,6 +119,7 @@ class ActivityRegularizer(CachedStateKey):
         self.rules: list[ActivityRule] = parse_rules(rules)
         self._log_every_n_steps = check_interval("log_every_n_steps", log_every_n_steps)
         self._listeners: list[SnapshotListener] = []
+        self._hooks = HookSubscription(self)  # which of its per-batch hooks Lightning calls
         self.last_snapshot: Snapshot | None = None
         self.cadence: Cadence | None = None  # StatSource: when the penalties are read
         # per fit
@@ -174,6 +176,7 @@ class ActivityRegularizer(CachedStateKey):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the model is on its final device here (setup runs before it moves)
         self.state.allocate(pl_module.device)
+        self._hooks.all()  # the per-batch hooks it does not define are not called
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -313,6 +316,7 @@ class ActivityRegularizer(CachedStateKey):
         self._pending = [None] * len(self.rules)
 
     def _uninstall(self) -> None:
+        self._hooks.stop()
         for handle in self._handles:
             handle.remove()
         self._handles = []
