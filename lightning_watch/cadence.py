@@ -83,10 +83,13 @@ class QuietSteps:
             self._hooks.only(*self._keep)
         return quiet_next
 
-    def plain_end(self, trainer: pl.Trainer) -> None:
-        """At the end of a quiet batch: every hook is called again when the next batch may be busy."""
-        if self._hooks is not None and self._hooks.narrowed and logging_step(trainer) + 1 >= self.until:
+    def plain_end(self, trainer: pl.Trainer) -> bool:
+        """At the end of a quiet batch: whether the next may be busy (every hook is then called again)."""
+        if logging_step(trainer) + 1 < self.until:
+            return False
+        if self._hooks is not None and self._hooks.narrowed:
             self._hooks.all()
+        return True
 
 
 def steps_optimizer(trainer: pl.Trainer) -> bool:
@@ -121,6 +124,11 @@ class Cadence:
     histogram: int | None = None
     #: the Trainer's ``log_every_n_steps`` when :data:`MIN_INHERITED_LOG_INTERVAL` raised it, else None
     raised_from: int | None = None
+    #: whether :meth:`stretch` may lengthen ``log`` and ``sample`` (neither was given explicitly)
+    stretchable: bool = False
+
+    def __post_init__(self) -> None:
+        self.base_log, self.base_sample = self.log, self.sample
 
     @classmethod
     def resolve(
@@ -144,7 +152,30 @@ class Cadence:
         # batches run with no hook at all (measured: benchmarks/step_cost.py), and never more than
         # one batch in MIN_DEFAULT_SAMPLE_INTERVAL.
         sample = sample_every_n_steps or max(log // samples_per_window, MIN_DEFAULT_SAMPLE_INTERVAL)
-        return cls(log=log, sample=min(sample, log), histogram=histogram_every_n_steps, raised_from=raised_from)
+        stretchable = log_every_n_steps is None and sample_every_n_steps is None and not trainer.fast_dev_run
+        return cls(
+            log=log,
+            sample=min(sample, log),
+            histogram=histogram_every_n_steps,
+            raised_from=raised_from,
+            stretchable=stretchable,
+        )
+
+    def stretch(self, factor: int) -> bool:
+        """Log and sample ``factor`` times less often than resolved (``lightning_watch.pace``); returns
+        whether anything changed. Intervals given explicitly never change, nor do histograms.
+
+        Example:
+            >>> c = Cadence(log=50, sample=10, stretchable=True)
+            >>> c.stretch(4), c.log, c.sample, c.is_log_step(199)
+            (True, 200, 40, True)
+        """
+        if not self.stretchable:
+            return False
+        log, sample = self.base_log * factor, min(self.base_sample * factor, self.base_log * factor)
+        changed = (log, sample) != (self.log, self.sample)
+        self.log, self.sample = log, sample
+        return changed
 
     def floor_notice(self, callback: str) -> str | None:
         """A one-line explanation when the Trainer's interval was raised, for the fit-start log."""

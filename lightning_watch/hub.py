@@ -132,6 +132,10 @@ class StatHub:
             if trainer is not None and self._hubs.get(trainer) is self:
                 del self._hubs[trainer]
 
+    def cadences_changed(self) -> None:
+        """A source's intervals changed (``lightning_watch.pace``): the next steps are looked up anew."""
+        self._intervals = None
+
     def sources(self) -> list[StatSource]:
         return [source for sources in self._members.values() for source in sources]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from time import perf_counter
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,6 +22,7 @@ from lightning_watch.monitors import (
     WatchMonitor,
 )
 from lightning_watch.monitors.bundle import FAMILIES, MonitorBundle
+from lightning_watch.pace import DEFAULT_BUDGET, Pace, check_budget
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.subscription import HookSubscription
 from lightning_watch.views.live import WatchViews
@@ -56,6 +58,11 @@ class Watch(CachedStateKey):
         final_pictures: ``None`` (default) draws the end-of-fit pictures when they fit the pictures'
             budget of 1 % of the fit's wall time (a short fit skips them, and its report says so);
             ``True`` always; ``False`` never.
+        budget: the share of the run's wall time the statistics may take (default 2 %). Where a
+            logging window costs more (small models on fast steps), the default intervals become
+            2, 4 or 8 times longer, said once in the log; ``watch.global/watch_overhead`` is the
+            estimated share per window. Intervals given explicitly never stretch; ``None``: never
+            stretch (see :mod:`lightning_watch.pace`).
 
     Raises:
         ValueError: if a family argument is neither a bool nor a monitor of that family, or if
@@ -87,6 +94,7 @@ class Watch(CachedStateKey):
         report: bool | None = None,
         pictures: bool = True,
         final_pictures: bool | None = None,
+        budget: float | None = DEFAULT_BUDGET,
     ) -> None:
         shared = {
             "include": include,
@@ -114,6 +122,9 @@ class Watch(CachedStateKey):
         self._hooks = HookSubscription(self)  # which of our hooks Lightning calls on a batch
         self._quiet = QuietSteps()  # the steps before the next one anything is due at
         self._shown: int | None = None  # alert count in the progress bar
+        self._budget = check_budget(budget)
+        self._pace: Pace | None = None  # the default cadence's time budget (lightning_watch/pace.py)
+        self._pace_state: dict[str, Any] | None = None  # from a checkpoint, applied at fit start
         # end-of-fit health report and TensorBoard pictures (lightning_watch/views/)
         self.views = WatchViews(report=report, pictures=pictures, final_pictures=final_pictures)
         if isinstance(alerts, bool):
@@ -169,11 +180,14 @@ class Watch(CachedStateKey):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bundle.start(trainer, pl_module)
-        sources = list(self.monitors)
         if self.early_alerts is not None:
             self.early_alerts.start(trainer, pl_module)
+        self._pace = self._make_pace(trainer)
+        sources = [*self.monitors, self._pace]
+        if self.early_alerts is not None:
             sources += self.early_alerts.sources()
         StatHub.for_trainer(trainer).join(self, sources)
+        self._pace.open_window(perf_counter(), logging_step(trainer))
         # the first batch runs the one-time checks; a quiet batch calls no hook but its loss's
         keep = ["on_train_batch_end"]
         if self.early_alerts is not None and self.early_alerts.records_backward:
@@ -220,6 +234,25 @@ class Watch(CachedStateKey):
     def _on_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: Snapshot) -> None:
         self._last_snapshot = snapshot
 
+    def _make_pace(self, trainer: pl.Trainer) -> Pace:
+        cadences = [m.cadence for m in self.monitors if m.cadence is not None]
+        if self.early_alerts is not None and self.early_alerts.cadence is not None:
+            cadences.append(self.early_alerts.cadence)
+        hub = StatHub.for_trainer(trainer)
+
+        def stretched(pace: Pace) -> None:
+            # every rank stretches at the same read (the share is reduced in it): say it once
+            self._bundle.cadences_changed()
+            hub.cadences_changed()
+            if self._pace_state is None:  # not a checkpoint's stretch, which was said in its fit
+                rank_zero_info(pace.notice("Watch"))
+
+        pace = Pace(cadences, self._budget, on_stretch=stretched)
+        if self._pace_state is not None:
+            pace.load_state_dict(self._pace_state)
+            self._pace_state = None
+        return pace
+
     # ------------------------------------------------------------------ the batch
     # The fast path: `_quiet` knows the first step at which any monitor, probe, one-time check or
     # the hub has work. Lightning calls no hook of ours on a batch before it but `on_train_batch_end`
@@ -262,7 +295,8 @@ class Watch(CachedStateKey):
         if self._plain:
             if alerts is not None and alerts.record_loss(trainer, pl_module, outputs):
                 self._show_health(trainer, pl_module)  # a non-finite loss was just raised
-            self._quiet.plain_end(trainer)
+            if self._quiet.plain_end(trainer):
+                self._pace.quiet_end(perf_counter())  # the next batch may be busy: it is timed
             return
         if alerts is not None:  # first: the loss joins this step's read
             alerts.end_batch(trainer, pl_module, outputs)
@@ -272,10 +306,12 @@ class Watch(CachedStateKey):
             self._bundle.end_batch(trainer, pl_module, stepped, step)
         if stepped:
             hub = StatHub.for_trainer(trainer)
+            self._pace.measure(step)  # the window before this batch, should this step be read
             hub.batch_end(self, trainer, pl_module)
             busy = [self._bundle.next_busy, hub.next_due] + ([alerts.next_busy] if alerts is not None else [])
             self._plain = self._quiet.after(step, *busy)
         self._show_health(trainer, pl_module)
+        self._pace.busy_end(perf_counter())  # last: this batch's time includes its read
 
     def _show_health(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the health line in the progress bar (`watch_warnings=0`): logged when the count changes
@@ -289,6 +325,8 @@ class Watch(CachedStateKey):
 
     # ------------------------------------------------------------ validation (monitors and probes that measure it)
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pace is not None:
+            self._pace.gap()  # not a training step: the next batch is not timed
         if self.early_alerts is not None:
             self.early_alerts.validation_start(trainer, pl_module)
 
@@ -313,6 +351,8 @@ class Watch(CachedStateKey):
         state = {type(m).__name__: m.state_dict() for m in self.monitors}
         if self.early_alerts is not None:
             state["EarlyAlerts"] = self.early_alerts.state_dict()
+        if self._pace is not None:
+            state["Pace"] = self._pace.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -321,3 +361,4 @@ class Watch(CachedStateKey):
                 monitor.load_state_dict(state_dict[type(monitor).__name__])
         if self.early_alerts is not None and "EarlyAlerts" in state_dict:
             self.early_alerts.load_state_dict(state_dict["EarlyAlerts"])
+        self._pace_state = state_dict.get("Pace")  # a resumed fit keeps its stretched cadence

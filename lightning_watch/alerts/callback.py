@@ -178,6 +178,11 @@ class EarlyAlerts(CachedStateKey):
         # a Watch drives this engine, or another engine judges this Trainer: the Lightning hooks do nothing
         return self._bundled or self._inert
 
+    @property
+    def cadence(self) -> Cadence | None:
+        """When the loss window and the probes sample and are read (``None`` before ``setup``)."""
+        return self._cadence
+
     def bind(self, log_every_n_steps: int | None, sample_every_n_steps: int | None) -> None:
         """Called by a ``Watch`` that drives this engine: its cadence arguments apply to the loss window."""
         if self._bundled:

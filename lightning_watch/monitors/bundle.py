@@ -50,6 +50,10 @@ class MonitorBundle:
         for monitor in self.monitors:
             monitor.start(trainer, pl_module)
         self._busy = []
+        self.cadences_changed()
+
+    def cadences_changed(self) -> None:
+        """The monitors' intervals were resolved or stretched (``lightning_watch.pace``)."""
         # a monitor works at a step iff one of its sampling, logging or histogram intervals divides it
         self._sample_intervals = {i for m in self.monitors if m.cadence is not None for i in m.cadence.sample_intervals}
 
