@@ -5,7 +5,10 @@ the step: nothing on a 100 ms step, 5-10 % of a 2 ms one (``benchmarks/step_cost
 default cadence is a budget, not only a step count: ``Pace`` estimates the share of the wall time
 that measuring took in each logging window, and when it is over ``budget`` the default intervals
 (those not given explicitly: ``Cadence.stretchable``) become a power of two longer, at most
-``most`` times, never shorter again in that fit. Each stretch is said once, with the way back.
+:data:`MOST_STRETCH` times, never shorter again in that fit. The first :data:`FULL_WINDOWS` windows
+keep the resolved cadence, so alerts keep their resolution early in training, where most faults
+show; a short fit (a test, a sweep's trial) is never stretched. Each stretch is said once, with the
+way back.
 
 The estimate costs nothing on a quiet batch: the clock is read at the end of the quiet batch that
 precedes busy ones and at the end of each busy batch (sampled, logging, one-time checks), so each
@@ -31,6 +34,9 @@ DEFAULT_BUDGET = 0.02
 MOST_STRETCH = 8
 #: fewest quiet batches in a window for an estimate (their mean is the reference step)
 MIN_QUIET = 8
+#: windows read at the resolved cadence before any stretch: early training is where most faults show
+#: (the fault benchmark's median first alert is at its second window), so alerts keep their resolution there
+FULL_WINDOWS = 4
 
 
 def check_budget(budget: float | None) -> float | None:
@@ -53,7 +59,7 @@ class Pace:
 
     Example:
         >>> c = Cadence(log=50, sample=10, stretchable=True)
-        >>> pace = Pace([c], budget=0.02)
+        >>> pace = Pace([c], budget=0.02, full_windows=1)  # may stretch after the first window
         >>> pace.open_window(0.0, step=0)
         >>> pace.quiet_end(0.098)  # 49 quiet batches of 2 ms, and the next is busy
         >>> pace.busy_end(0.108)  # a busy batch of 10 ms: 8 ms of measuring
@@ -71,12 +77,15 @@ class Pace:
         cadences: Sequence[Cadence],
         budget: float | None = DEFAULT_BUDGET,
         on_stretch: Callable[[Pace], None] | None = None,
+        full_windows: int = FULL_WINDOWS,
     ) -> None:
         self.cadences = list(cadences)
         self.budget = check_budget(budget)
         self.factor = 1
         self.share: float | None = None  # this window's estimate, until it is read
         self.share_seen: float | None = None  # the last estimate that was read
+        self.windows = 0  # windows estimated and read in this fit
+        self.full_windows = full_windows
         self._on_stretch = on_stretch
         self._mark: float | None = None  # clock at the end of the last timed batch
         self._busy_seconds = 0.0
@@ -161,7 +170,13 @@ class Pace:
     def decide(self, share: float) -> int | None:
         """Stretch the cadences when ``share`` is over the budget; returns the new factor, if any."""
         self.share_seen = share
-        if self.budget is None or share <= self.budget or self.factor >= MOST_STRETCH:
+        self.windows += 1
+        if (
+            self.windows < self.full_windows
+            or self.budget is None
+            or share <= self.budget
+            or self.factor >= MOST_STRETCH
+        ):
             return None
         # the share falls about in proportion to the stretch: the same busy batches over a longer window
         wanted = self.factor * share / self.budget

@@ -60,9 +60,9 @@ class Watch(CachedStateKey):
             ``True`` always; ``False`` never.
         budget: the share of the run's wall time the statistics may take (default 2 %). Where a
             logging window costs more (small models on fast steps), the default intervals become
-            2, 4 or 8 times longer, said once in the log; ``watch.global/watch_overhead`` is the
-            estimated share per window. Intervals given explicitly never stretch; ``None``: never
-            stretch (see :mod:`lightning_watch.pace`).
+            2, 4 or 8 times longer after the first four windows, said once in the log;
+            ``watch.global/watch_overhead`` is the estimated share per window. Intervals given
+            explicitly never stretch; ``None``: never stretch (see :mod:`lightning_watch.pace`).
 
     Raises:
         ValueError: if a family argument is neither a bool nor a monitor of that family, or if

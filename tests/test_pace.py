@@ -15,7 +15,7 @@ from helpers import TinyRegressor, make_trainer, quiet_fit, read_scalars, regres
 
 from lightning_watch import Watch
 from lightning_watch.cadence import Cadence
-from lightning_watch.pace import MIN_QUIET, MOST_STRETCH, Pace, check_budget
+from lightning_watch.pace import FULL_WINDOWS, MIN_QUIET, MOST_STRETCH, Pace, check_budget
 
 pytestmark = pytest.mark.pace
 
@@ -55,7 +55,7 @@ def test_a_window_with_too_few_quiet_batches_or_no_timed_batch_has_no_share():
 @pytest.mark.parametrize(("share", "factor"), [(0.019, 1), (0.03, 2), (0.05, 4), (0.07, 4), (0.5, MOST_STRETCH)])
 def test_the_stretch_is_the_power_of_two_that_brings_the_share_under_budget_at_most_eight(share, factor):
     cadence = Cadence(log=50, sample=10, stretchable=True)
-    pace = Pace([cadence], budget=0.02)
+    pace = Pace([cadence], budget=0.02, full_windows=1)
     pace.decide(share)
     assert pace.factor == factor
     assert (cadence.log, cadence.sample) == (50 * factor, 10 * factor)
@@ -63,11 +63,18 @@ def test_the_stretch_is_the_power_of_two_that_brings_the_share_under_budget_at_m
 
 def test_the_cadence_never_shortens_again_and_explicit_intervals_never_stretch():
     default, explicit = Cadence(log=50, sample=10, stretchable=True), Cadence(log=50, sample=10)
-    pace = Pace([default, explicit], budget=0.02)
+    pace = Pace([default, explicit], budget=0.02, full_windows=1)
     pace.decide(0.05)
     pace.decide(0.001)  # cheaper after the stretch: stays stretched
     assert (default.log, explicit.log) == (200, 50)
-    assert Pace([Cadence(log=50, sample=10, stretchable=True)], budget=None).decide(0.9) is None
+    assert Pace([Cadence(log=50, sample=10, stretchable=True)], budget=None, full_windows=1).decide(0.9) is None
+
+
+def test_the_first_windows_keep_the_resolved_cadence_whatever_they_cost():
+    cadence = Cadence(log=50, sample=10, stretchable=True)
+    pace = Pace([cadence], budget=0.02)
+    decisions = [pace.decide(0.5) for _ in range(FULL_WINDOWS)]
+    assert decisions == [None] * (FULL_WINDOWS - 1) + [MOST_STRETCH]
 
 
 @pytest.mark.parametrize("budget", [0, 1, -0.1, True, "2%"])
@@ -89,8 +96,9 @@ def test_a_tiny_model_over_budget_writes_less_often_and_says_so_once(tmp_path, c
         steps, logged = fit(tmp_path, Watch(pictures=False, report=False))
     notices = [r.getMessage() for r in caplog.records if "now writes its statistics every" in r.getMessage()]
     assert len(notices) == 1 and "`log_every_n_steps=10`" in notices[0]
-    assert steps[0] == 9  # the first window at the resolved cadence: nothing was measured before it
-    gaps = {b - a for a, b in itertools.pairwise(steps[:-1])}  # the last point is the end-of-fit read
+    # the first windows at the resolved cadence, then longer ones (the last point is the end-of-fit read)
+    assert steps[:FULL_WINDOWS] == [9, 19, 29, 39]
+    gaps = {b - a for a, b in itertools.pairwise(steps[:-1])}
     assert max(gaps) > 10 and max(gaps) <= 10 * MOST_STRETCH
     overhead = [value for _, value in logged["watch/global/watch_overhead"]]
     assert overhead[0] > 0.02  # the first window's share, over the budget: why it stretched
@@ -111,4 +119,4 @@ def test_a_resumed_fit_keeps_the_stretch_of_its_checkpoint(tmp_path):
     resumed = Watch(budget=None, pictures=False, report=False)  # no new stretch: only the checkpoint's
     resumed.load_state_dict(state)
     steps, _ = fit(tmp_path / "resumed", resumed, steps=100)
-    assert steps[0] == 10 * state["Pace"]["factor"] - 1
+    assert steps[0] == 10 * state["Pace"]["factor"] - 1  # stretched from its first window
