@@ -193,14 +193,21 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
 
 # ---------------------------------------------------------------------- timing
 class StepStart(pl.Callback):
-    """First in the callback list: stamps each step's start."""
+    """First in the callback list: stamps each step's start, and the watched cadence's intervals then
+    (``Watch()``'s time budget may stretch them during the fit: lightning_watch/pace.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, watched: list[pl.Callback] = ()) -> None:
         self.starts: list[float] = []
         self.steps: list[int] = []
+        self.intervals: list[tuple[int, int]] = []
+        self._watched = list(watched)
+        self._cadence: Cadence | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.steps.append(trainer.fit_loop.epoch_loop._batches_that_stepped)  # Lightning's logging step
+        if self._cadence is None:
+            self._cadence = _cadence(self._watched) or Cadence.resolve(_TrainerLike(), None, None)
+        self.intervals.append((self._cadence.log, self._cadence.sample))
         self.starts.append(time.perf_counter())
 
 
@@ -262,7 +269,7 @@ class Run:
     wall: float  # the whole fit()
     start: float  # fit() call to the first step's start
     end: float  # last step's end to fit() return
-    cadence: Cadence | None = None
+    intervals: list[tuple[int, int]] = field(default_factory=list)  # (log, sample) at each step
     direct: list[float] = field(default_factory=list)  # seconds per step inside the watched callbacks
     hook_calls: list[int] = field(default_factory=list)  # their module/optimizer hook calls per step
 
@@ -286,8 +293,8 @@ def fit_once(model_name: str, config: str, steps: int, device: str, root: str, t
     batches = BATCHES[(model_name, steps, device)]
     torch.manual_seed(0)
     model = make_model()
-    start, end, clock = StepStart(), StepEnd(turn), DirectClock()
     watched = CONFIGS[config]()
+    start, end, clock = StepStart(watched), StepEnd(turn), DirectClock()
     trainer = pl.Trainer(
         max_steps=steps,
         max_epochs=1,
@@ -311,7 +318,7 @@ def fit_once(model_name: str, config: str, steps: int, device: str, root: str, t
         wall=done - begin,
         start=start.starts[0] - begin,
         end=done - end.ends[-1],
-        cadence=_cadence(watched),
+        intervals=start.intervals,
         direct=clock.seconds,
         hook_calls=clock.hook_calls,
     )
@@ -361,35 +368,53 @@ BATCHES: dict[tuple[str, int, str], Batches] = {}
 
 
 # ---------------------------------------------------------------------- statistics
-def classify(step: int, cadence: Cadence) -> str:
-    if cadence.is_log_step(step):
+def describe(run: Run) -> str:
+    """``log every 50, sample every 10`` (and ``then 400/80 from step s`` where the time budget stretched them)."""
+    (log, sample), text = run.intervals[0], []
+    text.append(f"log every {log}, sample every {sample}")
+    for step, now in zip(run.steps, run.intervals):
+        if now != (log, sample):
+            log, sample = now
+            text.append(f"then {log}/{sample} from step {step}")
+    return ", ".join(text)
+
+
+def classify(step: int, intervals: tuple[int, int]) -> str:
+    """The class of a step under the (log, sample) intervals in force at it."""
+    log, sample = intervals
+    if (step + 1) % log == 0:
         return "logging"
-    if cadence.is_sample_step(step):
+    if (step + 1) % sample == 0:
         return "sampled"
     return "plain"
 
 
-def paired_extra(bare: Run, run: Run, cadence: Cadence, warmup: int) -> dict[str, float]:
+def classes(run: Run) -> list[str]:
+    return [classify(step, intervals) for step, intervals in zip(run.steps, run.intervals)]
+
+
+def paired_extra(bare: Run, run: Run, warmup: int) -> dict[str, float]:
     """Per step class: the median of (watched step - its bare twin) over the steps of a lock-step pair."""
     groups: dict[str, list[float]] = {"plain": [], "sampled": [], "logging": []}
-    for i, (step, seconds, twin) in enumerate(zip(run.steps, run.times, bare.times)):
-        if i >= warmup or classify(step, cadence) == "logging":  # logging steps are few: keep them all
-            groups[classify(step, cadence)].append(seconds - twin)
+    for i, (kind, seconds, twin) in enumerate(zip(classes(run), run.times, bare.times)):
+        if i >= warmup or kind == "logging":  # logging steps are few: keep them all
+            groups[kind].append(seconds - twin)
     return {name: statistics.median(v) if v else math.nan for name, v in groups.items()}
 
 
-def direct_per_class(run: Run, cadence: Cadence, warmup: int) -> dict[str, float]:
+def direct_per_class(run: Run, warmup: int) -> dict[str, float]:
     """Per step class: the median seconds spent inside the watched callbacks."""
     groups: dict[str, list[float]] = {"plain": [], "sampled": [], "logging": []}
-    for i, (step, seconds) in enumerate(zip(run.steps, run.direct)):
-        if i >= warmup or classify(step, cadence) == "logging":
-            groups[classify(step, cadence)].append(seconds)
+    for i, (kind, seconds) in enumerate(zip(classes(run), run.direct)):
+        if i >= warmup or kind == "logging":
+            groups[kind].append(seconds)
     return {name: statistics.median(v) if v else math.nan for name, v in groups.items()}
 
 
-def plain_median(run: Run, cadence: Cadence, warmup: int) -> float:
-    return statistics.median(t for i, (s, t) in enumerate(zip(run.steps, run.times)) if i >= warmup
-                             and classify(s, cadence) == "plain")  # fmt: skip
+def plain_median(bare: Run, run: Run, warmup: int) -> float:
+    """The bare run's median step over the steps that are plain in ``run``."""
+    return statistics.median(t for i, (kind, t) in enumerate(zip(classes(run), bare.times)) if i >= warmup
+                             and kind == "plain")  # fmt: skip
 
 
 @dataclass
@@ -500,19 +525,18 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(args.rounds):
                 for config in args.configs:
                     bare, run = lock_step(model, config, args.steps, args.device, root)
-                    cadence = run.cadence or Cadence.resolve(_TrainerLike(), None, None)
                     r = by_config[config]
-                    r.cadence = f"log every {cadence.log}, sample every {cadence.sample}"
-                    r.bare_plain_us.append(plain_median(bare, cadence, args.warmup) * 1e6)
-                    for name, extra in paired_extra(bare, run, cadence, args.warmup).items():
+                    r.cadence = describe(run)
+                    r.bare_plain_us.append(plain_median(bare, run, args.warmup) * 1e6)
+                    for name, extra in paired_extra(bare, run, args.warmup).items():
                         r.extra_us[name].append(extra * 1e6)
                     r.mean_extra_us.append((statistics.fmean(run.times) - statistics.fmean(bare.times)) * 1e6)
-                    for name, seconds in direct_per_class(run, cadence, args.warmup).items():
+                    for name, seconds in direct_per_class(run, args.warmup).items():
                         r.direct_us[name].append(seconds * 1e6)
                     r.direct_mean_us.append(statistics.fmean(run.direct) * 1e6)
                     r.direct_first_us.append(run.direct[0] * 1e6)
-                    r.plain_hook_calls.append(sum(n for i, (step, n) in enumerate(zip(run.steps, run.hook_calls))
-                                                  if i >= 1 and classify(step, cadence) == "plain"))  # fmt: skip
+                    r.plain_hook_calls.append(sum(n for i, (kind, n) in enumerate(zip(classes(run), run.hook_calls))
+                                                  if i >= 1 and kind == "plain"))  # fmt: skip
                     # fixed costs and the whole run: whole fits of their own, each after a bare one
                     bare, run = (fit_once(model, c, args.steps, args.device, root) for c in ("bare", config))
                     r.end_extra_ms.append((run.end - bare.end) * 1e3)
