@@ -68,6 +68,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from unittest import mock
 
 import lightning.pytorch as pl
 import torch
@@ -231,6 +232,7 @@ class LockStep:
         self._cond = threading.Condition()
         self._turn = 0
         self._done = [False, False]
+        self.waited = [0.0, 0.0]  # seconds each side spent waiting for its turn
 
     def wait(self, who: int) -> None:
         with self._cond:
@@ -240,7 +242,9 @@ class LockStep:
         with self._cond:
             self._turn = 1 - who
             self._cond.notify_all()
+            since = time.perf_counter()
             self._cond.wait_for(lambda: self._turn == who or self._done[1 - who])
+            self.waited[who] += time.perf_counter() - since
 
     def finish(self, who: int) -> None:
         with self._cond:
@@ -258,6 +262,21 @@ class Turn:
 
     def hand_over(self) -> None:
         self.lock.hand_over(self.who)
+
+
+_OWN = threading.local()  # this thread's side of a lock-step pair, if any
+
+
+def own_clock() -> float:
+    """``time.perf_counter`` less the time this thread waited for its partner's steps.
+
+    ``Watch()``'s time budget reads the clock between batches (lightning_watch/pace.py); in a
+    lock-step pair that span holds the bare twin's step too, which would halve the share it sees.
+    The benchmark hands it this clock, so it paces itself as it would alone.
+    """
+    turn = getattr(_OWN, "turn", None)
+    now = time.perf_counter()
+    return now - turn.lock.waited[turn.who] if turn is not None else now
 
 
 @dataclass
@@ -332,6 +351,7 @@ def lock_step(model_name: str, config: str, steps: int, device: str, root: str) 
 
     def side(who: int, name: str) -> None:
         try:
+            _OWN.turn = Turn(lock, who)
             lock.wait(who)
             runs[who] = fit_once(model_name, name, steps, device, root, Turn(lock, who))
         except BaseException as err:  # re-raised in the caller's thread
@@ -517,7 +537,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)  # alerts and tips would interleave with the table
 
     results: list[Result] = []
-    with tempfile.TemporaryDirectory() as root, timed_hooks():
+    # the time budget's clock (lightning_watch/pace.py) without the partner's steps: see own_clock
+    with (
+        tempfile.TemporaryDirectory() as root,
+        timed_hooks(),
+        mock.patch("lightning_watch.watch.perf_counter", own_clock),
+    ):
         for model in args.models:
             BATCHES[(model, args.steps, args.device)] = Batches(MODELS[model][1](args.steps, args.device))
             fit_once(model, "Watch()", args.steps, args.device, root)  # warm-up: discarded
