@@ -293,8 +293,8 @@ class Watch(CachedStateKey):
     ) -> None:
         alerts = self.early_alerts
         if self._plain:
-            if alerts is not None and alerts.record_loss(trainer, pl_module, outputs):
-                self._show_health(trainer, pl_module)  # a non-finite loss was just raised
+            if alerts is not None:
+                alerts.keep_loss(outputs)  # judged on the next sampled step (no kernel, no read here)
             if self._quiet.plain_end(trainer):
                 self._pace.quiet_end(perf_counter())  # the next batch may be busy: it is timed
             return

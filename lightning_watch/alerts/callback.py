@@ -350,13 +350,18 @@ class EarlyAlerts(CachedStateKey):
 
         Returns whether an alert was raised (a non-finite loss).
         """
+        loss = self.keep_loss(outputs)
+        return fold and self._fold(trainer, loss)
+
+    def keep_loss(self, outputs: Any) -> Any:
+        """A quiet batch's end (``record_loss`` without ``fold``): keep its loss; returns it (or ``None``)."""
         if self._automatic and type(outputs) is dict:
             # automatic optimization: Lightning checked that the loss it backpropagated is a scalar float
             # tensor, and hands it over detached; keeping it touches nothing else (every batch pays this)
             loss = outputs.get("loss")
             if loss is not None:
                 self.loss.keep(loss)
-            return fold and self._fold(trainer, loss)
+            return loss
         loss = extract_loss(outputs)
         backward = self._backward_losses
         if backward:
@@ -367,7 +372,7 @@ class EarlyAlerts(CachedStateKey):
             backward.clear()
         if loss is not None:
             self.loss.add(loss)
-        return fold and self._fold(trainer, loss)
+        return loss
 
     def _fold(self, trainer: pl.Trainer, loss: Any) -> bool:
         """A sampled step: the kept losses join the window, this one the trend; a non-finite one is an alert."""
@@ -550,7 +555,7 @@ class EarlyAlerts(CachedStateKey):
         if self._passive:
             return
         if self._plain:
-            self.record_loss(trainer, pl_module, outputs)
+            self.keep_loss(outputs)
             self._quiet.plain_end(trainer)
             return
         self.end_batch(trainer, pl_module, outputs)

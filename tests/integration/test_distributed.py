@@ -11,8 +11,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import io
+import itertools
 import json
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +32,7 @@ from lightning_watch.command import main as command_main
 from lightning_watch.hub import StatHub
 from lightning_watch.monitors import GradientNormMonitor, ParameterDeltaMonitor
 from lightning_watch.monitors.base import strategy_shards_parameters
+from lightning_watch.pace import Pace
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import read_blocks
 
@@ -211,6 +214,17 @@ def _count_collectives_per_batch(watch: Watch, strategy) -> list[int]:
     return counts
 
 
+class SlowBusyBatches(pl.Callback):
+    """Before ``watch`` in the callbacks: sleeps ``seconds`` at the end of each batch ``watch`` measures in."""
+
+    def __init__(self, watch: Watch, seconds: float) -> None:
+        self.watch, self.seconds = watch, seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.seconds and not self.watch._plain:
+            time.sleep(self.seconds)
+
+
 def _sharded_reduction(rank: int) -> dict[str, float]:
     """Each rank holds one half (rows) of a parameter and its gradient, as FSDP would shard it.
 
@@ -343,6 +357,23 @@ def _worker(rank: int, out: str, port: int) -> None:
         trainer = make_trainer(out / "bn", [watch], strategy="ddp", devices=2, logger=False, max_steps=1)
         quiet_fit(trainer, BatchNormProbe(), rank_loader(rank))
         result["bn"] = [(a.code, a.module, a.value) for a in watch.alerts if a.code == "small_batch_norm"]
+
+        # -------- the time budget: only rank 1 is slow on its busy batches, so only its own share is over
+        # budget; the share joins the read as a maximum, and both ranks stretch at the same read (one
+        # rank stretching alone would skip reads the other makes, and hang it in a collective)
+        watch = Watch(pictures=False, report=False, budget=0.5)
+        reads: list[int] = []
+        watch.add_listener(lambda t, m, s: s.final or reads.append(s.step))
+        slow = SlowBusyBatches(watch, seconds=0.05 if rank == 1 else 0.0)
+        trainer = make_trainer(out / "pace", [slow, watch], strategy="ddp", devices=2, logger=False, max_steps=80)
+        local: list[float | None] = []  # each rank's own estimate, before the read reduces it
+        collect = Pace.collect
+        Pace.collect = lambda self: (local.append(self.share), collect(self))[1]
+        try:
+            quiet_fit(trainer, Probe(lr=0.01), DataLoader(probe_data(640), batch_size=BATCH))
+        finally:
+            Pace.collect = collect
+        result["pace"] = {"reads": reads, "factor": watch._pace.factor, "local": local}
 
         # -------- the sharded reduction path, on the same gloo group
         result["sharded"] = _sharded_reduction(rank)
@@ -516,6 +547,16 @@ def test_ddp_two_gloo_processes(group):
             assert s[f"replicated.{metric}"] < full * 0.999, metric
         # one optimizer step on every rank: a count, the same under either reduction
         assert s["sharded.optimizer_steps"] == s["replicated.optimizer_steps"] == 1
+
+
+def test_the_time_budget_stretches_both_ranks_at_the_same_read(group):
+    r0, r1 = (result["pace"] for result in group[0])
+    assert r0["reads"] == r1["reads"] and r0["factor"] == r1["factor"] > 1  # no rank left waiting
+    # over budget on rank 1 only, and rank 0 stretched with it
+    assert max(share or 0.0 for share in r1["local"]) > 0.5
+    assert all((share or 0.0) < 0.5 for share in r0["local"])
+    assert r0["reads"][:4] == [9, 19, 29, 39]  # four windows at the resolved cadence, then longer ones
+    assert max(b - a for a, b in itertools.pairwise(r0["reads"])) > 10
 
 
 def test_agreed_actions_add_no_collective(group):
