@@ -37,8 +37,16 @@ sampled and logging steps add on average), *end of fit* (extra seconds from the 
 *Direct cost* (``direct_cost.py``): the microseconds spent inside the watched callbacks per step,
 read within the step itself, which resolves what step-time differences cannot: whole fits of the
 tiny model differ by hundreds of microseconds per step from one fit to the next, even side by side
-in lock-step. It is a floor (indirect costs are not in it); the paired figures bound it from above,
-with their noise shown.
+in lock-step. It is read in the fit of its own (the one for the fixed costs), as a user's fit runs:
+in a lock-step pair every step follows the other thread's step, in caches the other model filled,
+and the clock read up to twice as much on the plain steps, with more scatter. It is a floor
+(indirect costs are not in it); the paired figures bound it from above, with their noise shown.
+
+*Long fit* (``--long-steps N``): one more fit of ``N`` steps per round and configuration, after a
+bare one: its mean direct cost per step and whole-run ratio. ``Watch()``'s time budget
+(``lightning_watch/pace.py``) keeps the default cadence for the first four logging windows and
+stretches it after them when measuring takes more than 2 % of the time, so a short fit shows the
+full cadence's cost and a long one what the budget holds it to.
 
 With ``--device cuda`` the host's clock is read after ``torch.cuda.synchronize()`` only around the timed
 regions: before and after each ``fit()``; never inside the callbacks, which would add the very syncs
@@ -48,12 +56,15 @@ costs; the whole-run ratio covers the device's work too.
 Usage:
     python benchmarks/step_cost.py                     # both models, 5 rounds of 100 steps
     python benchmarks/step_cost.py --quick             # 2 rounds of 60 steps (a smoke run)
+    python benchmarks/step_cost.py --models mlp --long-steps 1000   # and a 1000-step fit per round
     python benchmarks/step_cost.py --device cuda --out step_cost.json
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import logging
 import math
@@ -74,6 +85,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lightning_watch import GradientNormMonitor, Watch
@@ -193,18 +205,35 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
 
 
 # ---------------------------------------------------------------------- timing
+class OpCount(TorchDispatchMode):
+    """Counts the tensor operations PyTorch dispatches in each step (``step``: the step's position in the
+    fit, -1 between steps). A count has no noise: on a GPU each operation that runs a kernel is a launch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = -1
+        self.per_step: collections.Counter[int] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.per_step[self.step] += 1
+        return func(*args, **(kwargs or {}))
+
+
 class StepStart(pl.Callback):
     """First in the callback list: stamps each step's start, and the watched cadence's intervals then
     (``Watch()``'s time budget may stretch them during the fit: lightning_watch/pace.py)."""
 
-    def __init__(self, watched: list[pl.Callback] = ()) -> None:
+    def __init__(self, watched: list[pl.Callback] = (), ops: OpCount | None = None) -> None:
         self.starts: list[float] = []
         self.steps: list[int] = []
         self.intervals: list[tuple[int, int]] = []
         self._watched = list(watched)
         self._cadence: Cadence | None = None
+        self._ops = ops
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._ops is not None:
+            self._ops.step = len(self.starts)
         self.steps.append(trainer.fit_loop.epoch_loop._batches_that_stepped)  # Lightning's logging step
         if self._cadence is None:
             self._cadence = _cadence(self._watched) or Cadence.resolve(_TrainerLike(), None, None)
@@ -215,12 +244,15 @@ class StepStart(pl.Callback):
 class StepEnd(pl.Callback):
     """Last in the callback list: stamps each step's end (then hands the turn over, in a lock-step pair)."""
 
-    def __init__(self, turn: Turn | None = None) -> None:
+    def __init__(self, turn: Turn | None = None, ops: OpCount | None = None) -> None:
         self.ends: list[float] = []
         self.turn = turn
+        self._ops = ops
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.ends.append(time.perf_counter())
+        if self._ops is not None:
+            self._ops.step = -1  # the loop between steps, and the end of fit
         if self.turn is not None:
             self.turn.hand_over()
 
@@ -291,6 +323,7 @@ class Run:
     intervals: list[tuple[int, int]] = field(default_factory=list)  # (log, sample) at each step
     direct: list[float] = field(default_factory=list)  # seconds per step inside the watched callbacks
     hook_calls: list[int] = field(default_factory=list)  # their module/optimizer hook calls per step
+    ops: list[int] = field(default_factory=list)  # tensor operations per step (a counted fit only)
 
 
 def _cadence(callbacks: list[pl.Callback]) -> Cadence | None:
@@ -307,13 +340,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def fit_once(model_name: str, config: str, steps: int, device: str, root: str, turn: Turn | None = None) -> Run:
+def fit_once(
+    model_name: str, config: str, steps: int, device: str, root: str, turn: Turn | None = None, count: bool = False
+) -> Run:
+    """One fit of ``config`` (``count``: every tensor operation counted, per step; not for timing)."""
     make_model, _ = MODELS[model_name]
     batches = BATCHES[(model_name, steps, device)]
     torch.manual_seed(0)
     model = make_model()
     watched = CONFIGS[config]()
-    start, end, clock = StepStart(watched), StepEnd(turn), DirectClock()
+    ops = OpCount() if count else None
+    start, end, clock = StepStart(watched, ops), StepEnd(turn, ops), DirectClock()
     trainer = pl.Trainer(
         max_steps=steps,
         max_epochs=1,
@@ -327,7 +364,8 @@ def fit_once(model_name: str, config: str, steps: int, device: str, root: str, t
     )
     sync(device)
     begin = time.perf_counter()
-    trainer.fit(model, batches)
+    with ops if ops is not None else contextlib.nullcontext():
+        trainer.fit(model, batches)
     sync(device)
     done = time.perf_counter()
     times = [e - s for s, e in zip(start.starts, end.ends)]
@@ -340,6 +378,7 @@ def fit_once(model_name: str, config: str, steps: int, device: str, root: str, t
         intervals=start.intervals,
         direct=clock.seconds,
         hook_calls=clock.hook_calls,
+        ops=[ops.per_step[i] for i in range(len(times))] if ops is not None else [],
     )
 
 
@@ -431,6 +470,18 @@ def direct_per_class(run: Run, warmup: int) -> dict[str, float]:
     return {name: statistics.median(v) if v else math.nan for name, v in groups.items()}
 
 
+def ops_per_class(bare: Run, run: Run, warmup: int) -> dict[str, float]:
+    """Per step class: the median extra tensor operations of ``run`` over ``bare`` (same seed, same batches),
+    and ``mean``: the extra operations per step over the whole fit."""
+    groups: dict[str, list[int]] = {"plain": [], "sampled": [], "logging": []}
+    for i, (kind, ops, twin) in enumerate(zip(classes(run), run.ops, bare.ops)):
+        if i >= warmup or kind == "logging":
+            groups[kind].append(ops - twin)
+    out = {name: statistics.median(v) if v else math.nan for name, v in groups.items()}
+    out["mean"] = (sum(run.ops) - sum(bare.ops)) / len(run.ops)
+    return out
+
+
 def plain_median(bare: Run, run: Run, warmup: int) -> float:
     """The bare run's median step over the steps that are plain in ``run``."""
     return statistics.median(t for i, (kind, t) in enumerate(zip(classes(run), bare.times)) if i >= warmup
@@ -453,6 +504,12 @@ class Result:
     direct_mean_us: list[float] = field(default_factory=list)
     direct_first_us: list[float] = field(default_factory=list)
     plain_hook_calls: list[int] = field(default_factory=list)
+    # a long fit of its own (``--long-steps``), after a bare one: the time budget has acted by its end
+    long_direct_mean_us: list[float] = field(default_factory=list)
+    long_whole_run_ratio: list[float] = field(default_factory=list)
+    long_cadence: str = ""
+    # tensor operations (one counted fit and its bare twin: a count does not vary from round to round)
+    ops: dict[str, float] = field(default_factory=dict)
 
 
 def spread(values: list[float], scale: float = 1.0, digits: int = 0) -> str:
@@ -466,6 +523,13 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 0) -> str:
 
 def ratio_spread(values: list[float]) -> str:
     return f"x{statistics.median(values):.3f} ({min(values):.3f}..{max(values):.3f})" if values else "-"
+
+
+def _ops_cell(ops: dict[str, float]) -> str:
+    if not ops:
+        return "-"
+    classes = " / ".join(f"{ops[name]:+.0f}" for name in ("plain", "sampled", "logging"))
+    return f"{classes} ({ops['mean']:+.1f})"
 
 
 def markdown(results: list[Result], meta: dict) -> str:
@@ -491,11 +555,13 @@ def markdown(results: list[Result], meta: dict) -> str:
     lines += [
         "",
         "Direct cost: microseconds per step inside the watched callbacks (their Lightning hooks, an empty "
-        "bracket's reading subtracted, and the module/optimizer hooks they registered); median (min..max) over rounds.",
+        "bracket's reading subtracted, and the module/optimizer hooks they registered), in a fit of its own "
+        "(not lock-step); median (min..max) over rounds. Tensor ops: the extra operations PyTorch dispatched "
+        "per step (median per class, mean over the fit), counted in one more fit and its bare twin.",
         "",
         "| model | configuration | plain step | sampled step | logging step | first step | mean over all steps "
-        "| hook calls on plain steps |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| hook calls on plain steps | tensor ops per plain / sampled / logging step (mean) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         cells = [
@@ -505,8 +571,23 @@ def markdown(results: list[Result], meta: dict) -> str:
             f"{spread(r.direct_first_us)} µs",
             f"{spread(r.direct_mean_us, digits=1)} µs",
             str(max(r.plain_hook_calls, default=0)),
+            _ops_cell(r.ops),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.long_direct_mean_us for r in results):
+        lines += [
+            "",
+            f"A long fit of its own ({meta['long_steps']} steps, after a bare one): the default cadence's time "
+            "budget (lightning_watch/pace.py) has acted; median (min..max) over rounds.",
+            "",
+            "| model | configuration | direct: mean over all steps | whole-run ratio | cadence at the end |",
+            "|---|---|---:|---:|---|",
+        ]
+        for r in results:
+            if r.long_direct_mean_us:
+                cells = [r.model, f"`{r.config}`", f"{spread(r.long_direct_mean_us, digits=1)} µs",
+                         ratio_spread(r.long_whole_run_ratio), r.long_cadence]  # fmt: skip
+                lines.append("| " + " | ".join(cells) + " |")
     cadences = {f"`{r.config}`: {r.cadence}" for r in results}
     lines += ["", "Step classes follow each watched run's cadence: " + "; ".join(sorted(cadences)) + "."]
     return "\n".join(lines)
@@ -522,6 +603,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="first steps of a run left out of the per-step figures")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument(
+        "--long-steps",
+        type=int,
+        default=0,
+        help="also a fit of this many steps per round (0: none): the mean direct cost over a long fit, "
+        "after the default cadence's time budget has acted (lightning_watch/pace.py)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds of 60 steps: a smoke run")
     parser.add_argument("--out", help="write the results as JSON to this file")
     args = parser.parse_args(argv)
@@ -544,9 +632,14 @@ def main(argv: list[str] | None = None) -> int:
         mock.patch("lightning_watch.watch.perf_counter", own_clock),
     ):
         for model in args.models:
-            BATCHES[(model, args.steps, args.device)] = Batches(MODELS[model][1](args.steps, args.device))
+            for steps in {args.steps, args.long_steps} - {0}:
+                BATCHES[(model, steps, args.device)] = Batches(MODELS[model][1](steps, args.device))
             fit_once(model, "Watch()", args.steps, args.device, root)  # warm-up: discarded
             by_config = {c: Result(model, c) for c in args.configs}
+            counted_bare = fit_once(model, "bare", args.steps, args.device, root, count=True)
+            for config, r in by_config.items():  # tensor operations: counted once, they do not vary
+                r.ops = ops_per_class(counted_bare, fit_once(model, config, args.steps, args.device, root, count=True),
+                                      args.warmup)  # fmt: skip
             for round_ in range(args.rounds):
                 for config in args.configs:
                     bare, run = lock_step(model, config, args.steps, args.device, root)
@@ -556,17 +649,24 @@ def main(argv: list[str] | None = None) -> int:
                     for name, extra in paired_extra(bare, run, args.warmup).items():
                         r.extra_us[name].append(extra * 1e6)
                     r.mean_extra_us.append((statistics.fmean(run.times) - statistics.fmean(bare.times)) * 1e6)
+                    # fixed costs, the whole run and the direct cost: fits of their own, each after a bare one
+                    # (in a lock-step pair the direct clock reads more, and scatters more: every step there
+                    # follows the other thread's step, in caches the other model filled)
+                    bare, run = (fit_once(model, c, args.steps, args.device, root) for c in ("bare", config))
+                    r.end_extra_ms.append((run.end - bare.end) * 1e3)
+                    r.start_extra_ms.append((run.start - bare.start) * 1e3)
+                    r.whole_run_ratio.append(run.wall / bare.wall)
                     for name, seconds in direct_per_class(run, args.warmup).items():
                         r.direct_us[name].append(seconds * 1e6)
                     r.direct_mean_us.append(statistics.fmean(run.direct) * 1e6)
                     r.direct_first_us.append(run.direct[0] * 1e6)
                     r.plain_hook_calls.append(sum(n for i, (kind, n) in enumerate(zip(classes(run), run.hook_calls))
                                                   if i >= 1 and kind == "plain"))  # fmt: skip
-                    # fixed costs and the whole run: whole fits of their own, each after a bare one
-                    bare, run = (fit_once(model, c, args.steps, args.device, root) for c in ("bare", config))
-                    r.end_extra_ms.append((run.end - bare.end) * 1e3)
-                    r.start_extra_ms.append((run.start - bare.start) * 1e3)
-                    r.whole_run_ratio.append(run.wall / bare.wall)
+                    if args.long_steps:  # a long fit: the default cadence's time budget has acted by its end
+                        bare, run = (fit_once(model, c, args.long_steps, args.device, root) for c in ("bare", config))
+                        r.long_direct_mean_us.append(statistics.fmean(run.direct) * 1e6)
+                        r.long_whole_run_ratio.append(run.wall / bare.wall)
+                        r.long_cadence = describe(run)
                 print(f"{model}: round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
             results += by_config.values()
     threads = f"{args.threads} thread{'s' * (args.threads != 1)}"
@@ -577,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         "lightning": pl.__version__,
         "rounds": args.rounds,
         "steps": args.steps,
+        "long_steps": args.long_steps,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }

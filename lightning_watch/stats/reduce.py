@@ -79,13 +79,10 @@ def read_blocks(blocks: Sequence[StatBlock], gather: Gather | None = None) -> di
             return out
     device = next((t.device for _, t, _ in entries if isinstance(t, Tensor)), torch.device("cpu"))
     dtype = accumulator_dtype(device)
-    flat = [
-        t.detach().reshape(-1) if isinstance(t, Tensor) else torch.tensor(t, dtype=dtype, device=device)
-        for _, t, _ in entries
-    ]
+    flat = [_flat(t, dtype, device) for _, t, _ in entries]
     sizes = [f.numel() for f in flat]
     # one cat (it promotes bools and narrower floats to the accumulator dtype)
-    packed = torch.cat([f.to(device) for f in flat]).to(dtype)
+    packed = torch.cat(flat).to(dtype)
     if gather is not None:
         # a min is a max of negated values, so one gather and one amax serve both: a few kernels per
         # read, whatever the number of entries (the signs are per entry, expanded on the device)
@@ -109,3 +106,19 @@ def read_blocks(blocks: Sequence[StatBlock], gather: Gather | None = None) -> di
         out[name] = chunk[0] if isinstance(tensor, Tensor) and tensor.dim() == 0 else chunk
         start += size
     return out
+
+
+def _flat(value: Tensor | list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``value`` as a 1-D tensor on ``device`` for the one ``cat``, with no view or copy it does not need.
+
+    Accumulators are 1-D, never require grad and live on the read's device: each ``detach``,
+    ``reshape`` or ``to`` is a dispatcher call of its own, dozens per read, so only the odd entry
+    (a 0-d or 2-D tensor, a host list, another device) pays one.
+    """
+    if not isinstance(value, Tensor):
+        return torch.tensor(value, dtype=dtype, device=device)
+    if value.requires_grad:
+        value = value.detach()
+    if value.dim() != 1:
+        value = value.reshape(-1)
+    return value if value.device == device else value.to(device)

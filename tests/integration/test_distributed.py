@@ -215,13 +215,17 @@ def _count_collectives_per_batch(watch: Watch, strategy) -> list[int]:
 
 
 class SlowBusyBatches(pl.Callback):
-    """Before ``watch`` in the callbacks: sleeps ``seconds`` at the end of each batch ``watch`` measures in."""
+    """Before ``watch`` in the callbacks: sleeps ``seconds`` at the end of each batch ``watch`` measures in
+    but does not read. (On a batch that reads, the other rank would wait for the sleep in the read's
+    collective, inside its own busy batch; after a batch that does not, it waits in the next batch's
+    gradient all-reduce, a quiet batch, and its own share stays its own.)"""
 
     def __init__(self, watch: Watch, seconds: float) -> None:
         self.watch, self.seconds = watch, seconds
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.seconds and not self.watch._plain:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if self.seconds and not self.watch._plain and not self.watch.monitors[0].cadence.is_log_step(step):
             time.sleep(self.seconds)
 
 
@@ -364,7 +368,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         watch = Watch(pictures=False, report=False, budget=0.5)
         reads: list[int] = []
         watch.add_listener(lambda t, m, s: s.final or reads.append(s.step))
-        slow = SlowBusyBatches(watch, seconds=0.05 if rank == 1 else 0.0)
+        slow = SlowBusyBatches(watch, seconds=0.1 if rank == 1 else 0.0)
         trainer = make_trainer(out / "pace", [slow, watch], strategy="ddp", devices=2, logger=False, max_steps=80)
         local: list[float | None] = []  # each rank's own estimate, before the read reduces it
         collect = Pace.collect

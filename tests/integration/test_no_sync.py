@@ -111,6 +111,10 @@ def test_spy_sees_reads_from_the_package(reads):
     read_blocks([block])
     torch.tensor(3.0).item()  # from the test, not from the package: not recorded
     assert [(method, where.split(":")[0]) for _, method, where in calls if method in READS] == [("tolist", "reduce.py")]
+    # an entry on another device than the read's is moved there (here a meta tensor, which has no data to copy)
+    block.add_sum("y", torch.zeros(1, device="meta"))
+    with pytest.raises(NotImplementedError, match="meta"):
+        read_blocks([block])
     assert ("to(cpu)", "reduce.py") in [(method, where.split(":")[0]) for _, method, where in calls]
 
 
