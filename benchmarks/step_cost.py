@@ -528,7 +528,9 @@ def ratio_spread(values: list[float]) -> str:
 def _ops_cell(ops: dict[str, float]) -> str:
     if not ops:
         return "-"
-    classes = " / ".join(f"{ops[name]:+.0f}" for name in ("plain", "sampled", "logging"))
+    classes = " / ".join(
+        f"{ops[name]:+.0f}" if math.isfinite(ops[name]) else "-" for name in ("plain", "sampled", "logging")
+    )
     return f"{classes} ({ops['mean']:+.1f})"
 
 

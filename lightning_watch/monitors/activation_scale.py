@@ -16,8 +16,10 @@ from lightning_watch.monitors.base import WatchMonitor
 from lightning_watch.selection import ACTIVATION_TYPES, owns_parameters
 from lightning_watch.snapshot import Snapshot
 from lightning_watch.stats import MOMENT_FIELDS, StatBlock, StateRegistry
+from lightning_watch.warn import warn_once
 
 _SUM, _SUM_SQ, _NONFINITE, _SATURATED = range(len(MOMENT_FIELDS))
+_MAX, _MIN = len(MOMENT_FIELDS), len(MOMENT_FIELDS) + 1  # columns of a moment_row after the summable ones
 
 #: cap on the elements kept per module for an activation histogram
 HISTOGRAM_SAMPLE = 65_536
@@ -32,13 +34,76 @@ def _declare_window(state: StateRegistry, size: int) -> None:
     state.declare("counts", (size,), reduce="sum", host=True)
 
 
-def _add(state: StateRegistry, index: int, captured: CapturedOutput) -> None:
-    stats = captured.moments()
-    sums, high, low = state["sums"], state["high"], state["low"]
-    sums[index, : stats.summed.shape[0]].add_(stats.summed)
-    torch.maximum(high[index], stats.high, out=high[index])
-    torch.minimum(low[index], stats.low, out=low[index])
-    state["counts"][index] += stats.count
+def _device_index(order: tuple[int, ...], device: torch.device) -> Tensor:
+    """``order`` as an index tensor on ``device``, made without waiting for the device.
+
+    It is made once per order of the modules (the same on every batch). A plain copy from the host
+    would wait for the device's queue; from pinned memory, asynchronously, it does not.
+    """
+    host = torch.tensor(order, dtype=torch.long)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+class _BatchRows:
+    """The outputs measured in one batch, added to a window's accumulators when the batch ends.
+
+    Added one by one, each output's statistics cost an indexed add, max and min (six views and three
+    kernels per output: most of a logging step's operations on a model of many layers). Here each
+    output's :func:`~lightning_watch.stats.moment_row` is kept, and the batch's rows are added with one
+    ``stack``, one indexed add and one indexed max and min: a dozen operations per batch (a module
+    called ``k`` times in a batch makes ``k`` rounds, each index at most once in a round).
+    """
+
+    def __init__(self) -> None:
+        self._rows: list[tuple[int, Tensor]] = []
+        self._index: tuple[tuple[int, ...], Tensor] | None = None  # the last order's index tensor, reused
+
+    def add(self, state: StateRegistry, index: int, captured: CapturedOutput) -> None:
+        row, count = captured.moment_row()
+        sums = state["sums"]
+        if row.device != sums.device:  # raised inside the hook: that module alone is skipped, with a warning
+            raise ValueError(f"its output is on {row.device}, the statistics of the window on {sums.device}")
+        self._rows.append((index, row))
+        state["counts"][index] += count  # host numbers: no device work
+
+    def flush(self, state: StateRegistry) -> None:
+        rows, self._rows = self._rows, []
+        try:
+            while rows:  # rounds: each module at most once in a round (its second call waits for the next)
+                seen: set[int] = set()
+                now: list[tuple[int, Tensor]] = []
+                later: list[tuple[int, Tensor]] = []
+                for entry in rows:
+                    (later if entry[0] in seen else now).append(entry)
+                    seen.add(entry[0])
+                self._add_round(state, now)
+                rows = later
+        except Exception as err:  # never break the user's training: the window lacks this batch's outputs
+            warn_once(
+                ("activation-flush", type(err).__name__),
+                f"lightning_watch: adding a batch's activation statistics failed ({type(err).__name__}: {err}); "
+                "that batch is left out of its window.",
+            )
+
+    def clear(self) -> None:
+        self._rows = []
+
+    def _add_round(self, state: StateRegistry, rows: list[tuple[int, Tensor]]) -> None:
+        sums, high, low = state["sums"], state["high"], state["low"]
+        order = tuple(index for index, _ in rows)
+        if self._index is None or self._index[0] != order or self._index[1].device != sums.device:
+            self._index = (order, _device_index(order, sums.device))
+        index = self._index[1]
+        block = torch.stack([row for _, row in rows])  # (outputs, ROW_FIELDS), promoted to the widest row
+        if block.dtype != sums.dtype:
+            block = block.to(sums.dtype)
+        sums.index_add_(0, index, block[:, :_MAX])
+        high.index_copy_(0, index, torch.maximum(high.index_select(0, index), block[:, _MAX]))
+        low.index_copy_(0, index, torch.minimum(low.index_select(0, index), block[:, _MIN]))
 
 
 class ActivationScaleMonitor(WatchMonitor):
@@ -96,6 +161,7 @@ class ActivationScaleMonitor(WatchMonitor):
         self.saturation_margin = float(saturation_margin)
         self._val_window: StateRegistry | None = None
         self._samples: dict[int, Tensor] = {}
+        self._rows = _BatchRows()  # outputs of the batch being measured (training or validation)
 
     def _default_module(self, module: nn.Module) -> bool:
         return owns_parameters(module) or isinstance(module, ACTIVATION_TYPES)
@@ -109,15 +175,20 @@ class ActivationScaleMonitor(WatchMonitor):
     def _on_teardown(self) -> None:
         self._samples = {}
         self._val_window = None
+        self._rows.clear()  # a batch cut short by an exception is not added anywhere
+
+    def _on_batch_end(self) -> None:
+        self._rows.flush(self.state)
 
     def consume(self, index: int, captured: CapturedOutput) -> None:
-        _add(self._val_window or self.state, index, captured)
+        self._rows.add(self._val_window or self.state, index, captured)
         if self._histogram_due and self._val_window is None:
             flat = captured.tensor.detach().reshape(-1)
             stride = max(1, flat.numel() // HISTOGRAM_SAMPLE)
             self._samples[index] = flat[::stride].float().clone()
 
     def _collect(self) -> StatBlock:
+        self._rows.flush(self.state)  # outputs measured since the last batch end (none, in a fit's normal course)
         return self.state.block(self._key("train"))
 
     def _finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
@@ -164,6 +235,7 @@ class ActivationScaleMonitor(WatchMonitor):
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._val_window is not None:
             self._engine.disarm(self)
+            self._rows.flush(self._val_window)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         window, self._val_window = self._val_window, None

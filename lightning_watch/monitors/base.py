@@ -180,6 +180,7 @@ class WatchMonitor(CachedStateKey):
         """Disarm the capture engine; on a batch that stepped the optimizer, finish its measurements."""
         if self._engine is not None:
             self._engine.disarm(self)
+        self._on_batch_end()
         if stepped:
             self._on_step_end(trainer, pl_module, step)
 
@@ -285,6 +286,9 @@ class WatchMonitor(CachedStateKey):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, step: int
     ) -> None:
         """Called before each optimizer step (gradients final)."""
+
+    def _on_batch_end(self) -> None:
+        """Called at the end of each batch this monitor measured in (accumulating ones too), before publication."""
 
     def _on_step_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         """Called at the end of each optimizer-stepping batch, before publication."""

@@ -2,6 +2,7 @@
 
 from lightning_watch.stats.kernels import (
     MOMENT_FIELDS,
+    ROW_FIELDS,
     Moments,
     accumulator_dtype,
     alive_units,
@@ -10,6 +11,7 @@ from lightning_watch.stats.kernels import (
     group_norms,
     l2_norms,
     local_tensor,
+    moment_row,
     moments,
     nonfinite_count,
     nonfinite_counts,
@@ -21,6 +23,7 @@ from lightning_watch.stats.state import StateRegistry
 
 __all__ = [
     "MOMENT_FIELDS",
+    "ROW_FIELDS",
     "Moments",
     "StatBlock",
     "StateRegistry",
@@ -31,6 +34,7 @@ __all__ = [
     "group_norms",
     "l2_norms",
     "local_tensor",
+    "moment_row",
     "moments",
     "nonfinite_count",
     "nonfinite_counts",

@@ -1,7 +1,8 @@
 """Device kernels: each takes tensors and returns small tensors, never a Python number.
 
-Nothing here calls ``.item()``, ``.cpu()`` or ``bool()`` on a tensor, so none of it waits for
-the device; the one host transfer happens when a monitor reads its accumulators.
+Nothing here calls ``.item()``, ``.cpu()`` or ``bool()`` on an accelerator's tensor, so none of it
+waits for the device (:func:`cpu_values` reads CPU tensors only, where there is no device to wait
+for); the one host transfer happens when a monitor reads its accumulators.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import Tensor
 
 #: Columns of the summable row of :class:`Moments`, in order.
 MOMENT_FIELDS = ("sum", "sum_sq", "nonfinite", "saturated")
+#: Columns of :func:`moment_row`: the summable :data:`MOMENT_FIELDS`, then the largest and the smallest element.
+ROW_FIELDS = (*MOMENT_FIELDS, "max", "min")
 
 
 _DTENSOR: list[type | None] = []  # filled on first use: the DTensor class, or None
@@ -130,7 +133,7 @@ class Moments(NamedTuple):
     """Raw statistics of one tensor: ``summed`` adds across calls, ``high``/``low`` take extremes."""
 
     summed: Tensor  # (3,) or (4,) float32 (float64 input: float64): MOMENT_FIELDS, "saturated" only if bounded
-    high: Tensor  # 0-d max
+    high: Tensor  # 0-d max (in the row's dtype)
     low: Tensor  # 0-d min
     count: int  # number of elements (a host number: it costs no device work)
 
@@ -169,11 +172,13 @@ def cpu_values(*tensors: Tensor) -> list[float]:
     """
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("cpu_values reads CPU tensors only: on an accelerator a read is a sync")
-    if all(t.dim() == 0 for t in tensors):  # the usual case (a few sums): no view, no cat
+    if len(tensors) <= 2 and all(t.dim() == 0 for t in tensors):  # a sum or two: no view, no cat
         values = []
         for t in tensors:  # read here, in this frame: the tests' read tracer attributes each read to cpu_values
             values.append(t.item())
         return values
+    if all(t.dim() == 0 for t in tensors):  # many sums (a norm per parameter): one stack, one read
+        return torch.stack(tensors).tolist()  # stack promotes mixed dtypes
     flat = [t.detach().reshape(-1) for t in tensors]
     return flat[0].tolist() if len(flat) == 1 else torch.cat(flat).tolist()  # cat promotes mixed dtypes
 
@@ -204,26 +209,33 @@ def nonfinite_counts(tensors: Sequence[Tensor], norms: Sequence[Tensor]) -> Tens
     return counts
 
 
-def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01) -> Moments:
-    """Raw, summable statistics of ``x`` (see :data:`MOMENT_FIELDS`), plus its max and min.
+def moment_row(
+    x: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01, zero: Tensor | None = None
+) -> tuple[Tensor, int]:
+    """Raw statistics of ``x`` as one vector (see :data:`ROW_FIELDS`), and its number of elements.
 
-    Each statistic is one reduction over ``x`` accumulated in float32 whatever the input dtype
-    (bfloat16 sums of many elements would round away); callers add rows into float64
+    ``sum``, ``sum_sq``, ``nonfinite`` and ``saturated`` add up across calls; ``max`` and ``min``
+    take extremes. Each statistic is one reduction over ``x`` accumulated in float32 whatever the
+    input dtype (bfloat16 sums of many elements would round away); callers add rows into float64
     accumulators so that many rows lose nothing. Non-finite values are *not* removed (a NaN makes
     ``sum`` NaN, which is the truth) and are counted in ``nonfinite``. With ``bounds=(lo, hi)`` (a
     sigmoid's ``(0, 1)``, a tanh's ``(-1, 1)``), ``saturated`` counts values within
-    ``margin * (hi - lo)`` of either bound; without bounds the row stops before ``saturated``.
+    ``margin * (hi - lo)`` of either bound; without bounds it is 0. The count is a host number: it
+    costs no device work.
 
     The hook runs this on every watched output of a sampled batch, so it is built from as few
-    kernels as possible (seven): on a GPU each costs a launch, on a CPU a pass over memory.
+    kernels as possible: on a GPU each costs a launch, on a CPU a pass over memory. One ``stack``
+    holds every field, so that a caller adds the rows of all the outputs of a batch to its
+    accumulators at once (a few operations per batch, not per output). ``zero``: a 0-d zero on
+    ``x``'s device to stand for the fields known to be 0 (one operation fewer per call).
     Raw sums of squares make a standard deviation derived from them lose relative precision
     when ``|mean| / std`` is very large (about 1e-7 * (mean/std)**2 on the variance); centred
     per-call moments would avoid that but cost 20-40x more on a CPU, and monitoring does not need
     it.
 
     Example:
-        >>> m = moments(torch.tensor([1.0, -2.0, float("nan")]))
-        >>> m.summed[2].item(), m.count  # nonfinite, count
+        >>> row, count = moment_row(torch.tensor([1.0, -2.0, float("nan")]))
+        >>> dict(zip(ROW_FIELDS, row.tolist()))["nonfinite"], count
         (1.0, 3)
     """
     xf = local_tensor(x.detach())
@@ -236,14 +248,32 @@ def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float 
     # one aminmax: one pass and one launch (measured faster than amax + amin with torch 2.13 on a CPU)
     low, high = torch.aminmax(xf)
     squares = sum_of_squares(xf, dtype)
+    if zero is None or zero.device != xf.device:
+        zero = total.new_zeros(())
     # on the CPU, reading two sums costs no sync: a finite pair means no NaN/Inf (a counting pass saved)
     finite = xf.device.type == "cpu" and all(math.isfinite(v) for v in cpu_values(total, squares))
-    parts = [total, squares, total.new_zeros(()) if finite else nonfinite_count(xf).to(dtype)]
+    nonfinite = zero if finite else nonfinite_count(xf).to(dtype)
+    saturated = zero
     if bounds is not None:
         lo, hi = bounds
         edge = margin * (hi - lo)
-        parts.append(((xf <= lo + edge) | (xf >= hi - edge)).sum(dtype=dtype))
-    return Moments(torch.stack(parts), high, low, xf.numel())
+        saturated = ((xf <= lo + edge) | (xf >= hi - edge)).sum(dtype=dtype)
+    # `stack` promotes: a bfloat16 output's extremes join the float32 sums exactly
+    return torch.stack([total, squares, nonfinite, saturated, high, low]), xf.numel()
+
+
+def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01) -> Moments:
+    """:func:`moment_row` as :class:`Moments`: the summable row (without ``saturated`` when there are no
+    bounds), the max and the min.
+
+    Example:
+        >>> m = moments(torch.tensor([1.0, -2.0, float("nan")]))
+        >>> m.summed[2].item(), m.count  # nonfinite, count
+        (1.0, 3)
+    """
+    row, count = moment_row(x, bounds, margin)
+    width = len(MOMENT_FIELDS) if bounds is not None else len(MOMENT_FIELDS) - 1
+    return Moments(row[:width], row[len(MOMENT_FIELDS)], row[len(MOMENT_FIELDS) + 1], count)
 
 
 def sum_of_squares(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -298,22 +328,24 @@ def grad_rows_alive(grad: Tensor, unit_dim: int = 0) -> Tensor:
     local shard are placed at their global offset, other rows are False, so a cross-process
     ``max`` (logical or) of the vectors of all ranks is the answer for the whole weight.
     """
-    g = local_tensor(grad.detach())
+    # a `.grad` needs no detach (unless made with create_graph), a 2-D one no reshape: each is a
+    # dispatcher call, once per weighted layer on every sampled step
+    g = local_tensor(grad.detach() if grad.requires_grad else grad)
     if torch.is_complex(g):
         g = g.abs()
     if unit_dim != 0:
         g = g.transpose(0, unit_dim)
-    if not g.numel():  # an empty shard (a rank holding none of the rows, or rows of no elements)
+    if not g.numel():  # an empty shard (a rank holding none of the rows, or rows of no elements): no reshape
         alive = g.new_zeros(g.shape[0], dtype=torch.bool)
     elif g.numel() < _ROWS_BY_EXTREMES:
         # "any element != 0": exact (an L2 norm would underflow for rows of tiny values), two small kernels;
         # a NaN row counts as alive (NaN != 0): its gradient is broken, not silent
-        alive = (g.reshape(g.shape[0], -1) != 0).any(dim=1)
+        alive = (_rows(g) != 0).any(dim=1)
     else:
         # the same answer from a row's largest and smallest elements (all zero iff both are 0; a NaN row's
         # max is NaN): two reductions and no temporary, 4-10x faster on a CPU from 64K elements on
         # (measured: 0.19 against 2.0 ms for a 1024 x 1024 gradient, equal at 64 x 64)
-        rows = g.reshape(g.shape[0], -1)
+        rows = _rows(g)
         alive = (rows.amax(dim=1) != 0) | (rows.amin(dim=1) != 0)
     dtensor = _dtensor_type()
     if dtensor is None or not isinstance(grad, dtensor):
@@ -325,6 +357,11 @@ def grad_rows_alive(grad: Tensor, unit_dim: int = 0) -> Tensor:
     start = int(offsets[unit_dim])
     out[start : start + alive.shape[0]] = alive
     return out
+
+
+def _rows(g: Tensor) -> Tensor:
+    """``g`` as (units, everything else): a 2-D tensor as it is (a reshape is a dispatcher call too)."""
+    return g if g.dim() == 2 else g.reshape(g.shape[0], -1)
 
 
 def spread_units(alive: Tensor, weight: Tensor | None) -> Tensor:
