@@ -421,6 +421,10 @@ class GradientHygiene(_Probe):
         self._missing = {}
 
 
+#: a relative unit spread above which a layer's units differ for good (``symmetric_units`` fires at 1e-6)
+SETTLED_SPREAD = 1e-3
+
+
 class UnitSymmetry(_Probe):
     """Whether the units of a layer are copies of each other (weights initialised to a constant).
 
@@ -429,8 +433,12 @@ class UnitSymmetry(_Probe):
     relative to the weight's largest magnitude. Exactly 0 means every unit computes the same
     function, and gradient descent keeps it so. Two small reductions per layer, no copy.
 
+    Once every layer's spread is above :data:`SETTLED_SPREAD` at a read, the probe stops: units that
+    differ stay different (gradient descent cannot make them identical again), so a healthy model
+    pays for this probe on its first logging step only.
+
     Logged Metrics:
-        ``watch.unit_spread/<NN>.<module>``.
+        ``watch.unit_spread/<NN>.<module>``, until every layer's units differ.
     """
 
     PRODUCES = ("unit_spread",)
@@ -452,8 +460,11 @@ class UnitSymmetry(_Probe):
         self.state.clear()
         self.state.declare("spread", (len(self._layers),), reduce="max")
         self.state.allocate(device)
+        self.settled = False  # every layer's units differ: nothing left to measure in this fit
 
     def collect(self) -> StatBlock:
+        if self.settled:  # decided from a read's values, the same on every rank: the reads stay alike
+            return StatBlock()
         self._measure()  # the weights as they are at this logging step
         return super().collect()
 
@@ -476,6 +487,7 @@ class UnitSymmetry(_Probe):
             return
         for (name, _), spread in zip(self._layers, spreads):
             snapshot.put("unit_spread", spread, name)
+        self.settled = all(spread > SETTLED_SPREAD for spread in spreads)
 
     def reset(self) -> None:
         pass  # measured afresh at each logging step

@@ -82,14 +82,21 @@ class ParameterDeltaMonitor(ParameterMonitor):
         self._steps += 1
         if self._before is None:
             self._entries = self._table.trainable()
-            # local shards only (a DTensor's `to_local()`): the copy never gathers a sharded weight
-            params = [local_tensor(p.detach()) for _, _, p in self._entries]
-            # one fused copy of all watched trainable parameters, freed at the end of the batch
-            self._before = torch._foreach_mul(params, 1.0) if params else []
+            # local shards only (a DTensor's `to_local()`): the copy never gathers a sharded weight;
+            # no_grad rather than a `detach` per parameter (each a dispatcher call of its own)
+            with torch.no_grad():
+                params = [local_tensor(p) for _, _, p in self._entries]
+                # one fused copy of all watched trainable parameters, freed at the end of the batch
+                self._before = torch._foreach_mul(params, 1.0) if params else []
 
     def _on_step_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         if not self._cadence.is_log_step(step) or self._table is None:
             return
+        with torch.no_grad():  # the parameters are read as they are, with no `detach` per parameter
+            self._measure_step(trainer)
+        self._before = None  # release the copy
+
+    def _measure_step(self, trainer: pl.Trainer | None) -> None:
         stepped = self._before is not None  # else no optimizer step ran in this batch
         if not stepped:
             self._entries = self._table.trainable()
@@ -97,7 +104,7 @@ class ParameterDeltaMonitor(ParameterMonitor):
         params = [p for _, _, p in self._entries]
         # sharded (DTensor) weights: local shards, each replicated placement counted once in the sum
         weights = [replica_weight(p) for p in params]
-        after = [local_tensor(p.detach()) for p in params]
+        after = [local_tensor(p) for p in params]
         m = self._table.num_modules
         if not after:
             zeros = torch.zeros(m + 1, device=self._device)
@@ -122,7 +129,6 @@ class ParameterDeltaMonitor(ParameterMonitor):
                 # ranks by the same read (max and min), catches one that drifted away
                 sums = torch.stack([as_real(a).sum(dtype=torch.float64) for a in after]).to(self._device)
                 self._checksum = self._table.per_module_sums(params, sums, self._device)
-        self._before = None  # release the copy
 
     def _collect(self) -> StatBlock:
         block = StatBlock()

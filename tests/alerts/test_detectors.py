@@ -649,3 +649,29 @@ def test_the_unit_spread_of_each_layer_matches_a_plain_pytorch_reference():
         expected = (w.max(dim=0).values - w.min(dim=0).values).max() / w.abs().max()
         assert snapshot.get("unit_spread", name) == pytest.approx(expected.item(), rel=1e-6)
     assert snapshot.get("unit_spread", "3") == 0.0
+
+
+def test_the_unit_spread_probe_stops_once_every_layer_has_distinct_units():
+    from lightning_watch.alerts.probes import SETTLED_SPREAD, UnitSymmetry
+    from lightning_watch.cadence import Cadence
+    from lightning_watch.stats import read_blocks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    nn.init.constant_(model[2].weight, 0.5)  # symmetric: the probe must keep measuring
+    probe = UnitSymmetry()
+    probe.start(Cadence(log=1, sample=1), torch.device("cpu"), model)
+
+    def read() -> Snapshot:
+        snapshot = Snapshot(step=0, epoch=0)
+        probe.finalize(read_blocks([probe.collect()]), snapshot)
+        return snapshot
+
+    assert read().get("unit_spread", "2") == 0.0 and not probe.settled
+    with torch.no_grad():  # the symmetry broken: every layer now has distinct units
+        model[2].weight.add_(torch.randn(3, 5))
+    snapshot = read()
+    assert snapshot.get("unit_spread", "0") > SETTLED_SPREAD and snapshot.get("unit_spread", "2") > SETTLED_SPREAD
+    assert probe.settled
+    assert not probe.collect()  # no statistic in later reads, so no stale value is ever reported
+    assert read().modules("unit_spread") == {}
