@@ -108,6 +108,8 @@ def test_every_call_of_a_module_counts(tmp_path):
         assert len(reference.outputs[(name, 0)]) == 2
         assert scalars[f"watch/act_rms/{name}"][0][1] == pytest.approx(float(x.square().mean().sqrt()), rel=1e-5)
         assert scalars[f"watch/act_mean/{name}"][0][1] == pytest.approx(float(x.mean()), rel=1e-5, abs=1e-7)
+        # both calls' extremes count (a batch's rows join the window one call of each module at a time)
+        assert scalars[f"watch/act_max_abs/{name}"][0][1] == pytest.approx(float(x.abs().max()), rel=1e-6)
 
 
 def test_statistics_of_a_large_mean_output_keep_the_documented_precision(tmp_path):
@@ -175,3 +177,25 @@ def test_validation_activations_when_asked_equal_a_forward_over_the_validation_s
         expected = float(model.net[0](x).square().mean().sqrt())
     assert scalars["watch/val_act_rms/net.0"][-1][1] == pytest.approx(expected, rel=1e-5)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_an_output_on_another_device_than_the_window_is_refused_naming_both():
+    from lightning_watch.capture import CapturedOutput, ModuleInfo
+    from lightning_watch.monitors.activation_scale import _BatchRows
+    from lightning_watch.stats import StateRegistry
+
+    state = StateRegistry()
+    state.declare("sums", (1, 4), reduce="sum")
+    state.declare("high", (1,), reduce="max")
+    state.declare("low", (1,), reduce="min")
+    state.declare("counts", (1,), reduce="sum", host=True)
+    state.allocate(torch.device("cpu"))
+    info = ModuleInfo("fc", nn.Identity(), None, None)
+    rows = _BatchRows()
+    # inside the forward hook this error skips that module with a warning (the capture engine's rule)
+    with pytest.raises(ValueError, match="output is on meta, the statistics of the window on cpu"):
+        rows.add(state, 0, CapturedOutput(info, torch.zeros(3, device="meta"), 0.01))
+    rows.add(state, 0, CapturedOutput(info, torch.tensor([1.0, -3.0]), 0.01))
+    rows.flush(state)
+    assert state["sums"].tolist() == [[-2.0, 10.0, 0.0, 0.0]] and state["counts"] == [2]
+    assert (state["high"].item(), state["low"].item()) == (1.0, -3.0)
