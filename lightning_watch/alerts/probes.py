@@ -442,6 +442,7 @@ class UnitSymmetry(_Probe):
     """
 
     PRODUCES = ("unit_spread",)
+    settled = False  # every layer's units differ: nothing left to measure in this fit
 
     def start(self, cadence: Cadence, device: torch.device, model: nn.Module) -> None:
         self.cadence = cadence
@@ -460,7 +461,7 @@ class UnitSymmetry(_Probe):
         self.state.clear()
         self.state.declare("spread", (len(self._layers),), reduce="max")
         self.state.allocate(device)
-        self.settled = False  # every layer's units differ: nothing left to measure in this fit
+        self.settled = False
 
     def collect(self) -> StatBlock:
         if self.settled:  # decided from a read's values, the same on every rank: the reads stay alike

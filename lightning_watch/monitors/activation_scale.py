@@ -15,11 +15,11 @@ from lightning_watch.hub import StatHub
 from lightning_watch.monitors.base import WatchMonitor
 from lightning_watch.selection import ACTIVATION_TYPES, owns_parameters
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import MOMENT_FIELDS, StatBlock, StateRegistry
+from lightning_watch.stats import MOMENT_FIELDS, ROW_FIELDS, StatBlock, StateRegistry
 from lightning_watch.warn import warn_once
 
 _SUM, _SUM_SQ, _NONFINITE, _SATURATED = range(len(MOMENT_FIELDS))
-_MAX, _MIN = len(MOMENT_FIELDS), len(MOMENT_FIELDS) + 1  # columns of a moment_row after the summable ones
+_MAX, _MIN = ROW_FIELDS.index("max"), ROW_FIELDS.index("min")  # a moment_row's extremes, after its sums
 
 #: cap on the elements kept per module for an activation histogram
 HISTOGRAM_SAMPLE = 65_536
