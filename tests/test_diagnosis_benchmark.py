@@ -70,3 +70,29 @@ def test_quick_benchmark(tmp_path):
     assert summary["runs_identical"] == summary["runs_compared"] == 4
     assert (tmp_path / "diagnosis_quick.md").read_text().count("| mlp |") == 4
     assert (tmp_path / "diagnosis_quick.json").exists()
+
+
+def _run(acc: float, loss: float, params: float) -> dict:
+    return {"val_acc": acc, "nan": False, "final_loss": loss, "param_sum": params, "alerts": [], "error": None}
+
+
+def test_watched_runs_are_compared_with_unwatched_twins_trained_on_the_same_machine():
+    from benchmarks.diagnosis.runner import Spec
+
+    ops = [operators.BY_NAME["HLR_x100"]]
+    keys = [f"mlp/{name}/{seed}" for name in ("original", "HLR_x100") for seed in (0, 1)]
+    # the cache was trained on another CPU: the same runs end a few ulps apart there
+    cache = {key: _run(0.9 if "original" in key else 0.2, 0.5000001, 10.000001) for key in keys}
+    here = {f"mlp/{name}/0": _run(0.9, 0.5, 10.0) for name in ("original", "HLR_x100")}
+    watched = {Spec("mlp", name, 0, True): _run(0.9, 0.5, 10.0) for name in ("original", "HLR_x100")}
+
+    against_twins = score.score(["mlp"], ops, [0, 1], [0], cache, watched, here)["summary"]
+    assert against_twins["runs_identical"] == against_twins["runs_compared"] == 2
+    assert (against_twins["cache_reproduced"], against_twins["cache_checked"]) == (0, 2)
+    # without twins the cache is all there is to compare with, and another machine's runs differ
+    against_cache = score.score(["mlp"], ops, [0, 1], [0], cache, watched)["summary"]
+    assert against_cache["runs_identical"] == 0 and against_cache["cache_checked"] == 0
+    # a watched run that really differs is caught against its twin too
+    watched[Spec("mlp", "HLR_x100", 0, True)] = _run(0.2, 0.5, 10.5)
+    changed = score.score(["mlp"], ops, [0, 1], [0], cache, watched, here)["summary"]
+    assert changed["not_identical"] == ["mlp/HLR_x100/0"]

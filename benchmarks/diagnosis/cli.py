@@ -143,7 +143,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.quiet:
         print(f"watched runs: {len(watched_specs)}", flush=True)
     watched = run_many(watched_specs, jobs=args.jobs, timeout=args.timeout, progress=not args.quiet)
-    result = score.score(names, ops, seeds, watch_seeds, truth, watched)
+    # a run is bit-for-bit reproducible on one machine only: the unwatched twins of watched runs whose
+    # ground truth came from the cache are trained here too, for the "watching changed nothing" check
+    trained_here = {spec.key for spec in todo}
+    twin_specs = [Spec(s.setup, s.operator, s.seed, False) for s in watched_specs if s.key not in trained_here]
+    if twin_specs and not args.quiet:
+        print(f"unwatched twins (cached ground truth, compared on this machine): {len(twin_specs)}", flush=True)
+    twins = run_many(twin_specs, jobs=args.jobs, timeout=args.timeout, progress=not args.quiet)
+    result = score.score(names, ops, seeds, watch_seeds, truth, watched, {t.key: r for t, r in twins.items()})
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, torch threads 1, jobs {args.jobs}",
