@@ -8,6 +8,7 @@ copies the result to the host once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -86,11 +87,7 @@ def read_blocks(blocks: Sequence[StatBlock], gather: Gather | None = None) -> di
     if gather is not None:
         # a min is a max of negated values, so one gather and one amax serve both: a few kernels per
         # read, whatever the number of entries (the signs are per entry, expanded on the device)
-        signs = torch.repeat_interleave(
-            torch.tensor([sign for _, _, sign in entries], device=device),
-            torch.tensor(sizes, device=device),
-            output_size=sum(sizes),  # known here: the device need not be asked (no sync)
-        )
+        signs = _signs(tuple(sign for _, _, sign in entries), tuple(sizes), device)
         packed = torch.where(signs < 0, -packed, packed)
         gathered = gather(packed)
         if gathered.dim() == 2 and gathered.shape[0] > 1:
@@ -122,3 +119,17 @@ def _flat(value: Tensor | list, dtype: torch.dtype, device: torch.device) -> Ten
     if value.dim() != 1:
         value = value.reshape(-1)
     return value if value.device == device else value.to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _signs(signs: tuple[int, ...], sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """Each entry's sign (0: sum, +1: max, -1: min) repeated over its elements, on ``device``.
+
+    Made once per layout of a read (the same at every logging step of a fit): a tensor made from a
+    Python list is a copy to the device that waits for its queue, a stall in each read on a GPU.
+    """
+    return torch.repeat_interleave(
+        torch.tensor(signs, device=device),
+        torch.tensor(sizes, device=device),
+        output_size=sum(sizes),  # known here: the device need not be asked (no sync)
+    )
