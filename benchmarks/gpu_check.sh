@@ -28,15 +28,17 @@ cat "$OUT/device.txt"
 if [ -n "$QUICK" ]; then
   ROUNDS=(--rounds 1 --steps 40); OVER=(--repeats 1 --budget-repeats 1 --steps 30 --workloads mlp); MODELS=(mlp gpt)
 else
-  ROUNDS=(--rounds 5 --steps 100); OVER=(--repeats 3 --budget-repeats 5 --steps 100); MODELS=(mlp gpt gpt-medium)
+  # 4 rounds: with the counted fits (tensor operations, no clock) step_cost.py stays well inside its 300 s
+  ROUNDS=(--rounds 4 --steps 100); OVER=(--repeats 3 --budget-repeats 5 --steps 100); MODELS=(mlp gpt gpt-medium)
 fi
 [ "$DEVICE" = cpu ] && MODELS=(mlp gpt)
 
 # 1. zero host syncs off logging steps (torch.cuda.set_sync_debug_mode("error")); skipped on a CPU
 "$PY" -m pytest -q -p no:cacheprovider tests/integration/test_no_sync.py > "$OUT/no_sync.txt" 2>&1
 echo "no-sync tests: $(tail -1 "$OUT/no_sync.txt")"
-# 2. per-step cost: plain, sampled and logging steps over bare Lightning (lock-step pairs) and inside the
-#    callbacks (the direct clock), the GPU-sized GPT included; an empty callback is Lightning's dispatch floor
+# 2. per-step cost: plain, sampled and logging steps over bare Lightning (lock-step pairs), inside the
+#    callbacks (the direct clock) and in tensor operations (on a GPU, mostly launches), the GPU-sized GPT
+#    included; an empty callback is Lightning's dispatch floor
 timeout 300 "$PY" benchmarks/step_cost.py --device "$DEVICE" --models "${MODELS[@]}" --configs "Watch()" "empty callback" \
   "${ROUNDS[@]}" --out "$OUT/step_cost.json" > "$OUT/step_cost.md" 2> "$OUT/step_cost.log"
 echo "step cost: rc=$?"; cat "$OUT/step_cost.md"
