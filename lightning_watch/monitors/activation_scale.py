@@ -44,7 +44,10 @@ def _device_index(order: tuple[int, ...], device: torch.device) -> Tensor:
     if device.type == "cpu":
         return host
     if device.type == "cuda":
-        host = host.pin_memory()
+        try:
+            host = host.pin_memory()
+        except RuntimeError:  # no pinned memory to be had: a plain copy, made once all the same
+            return host.to(device)
     return host.to(device, non_blocking=True)
 
 
