@@ -617,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 2, 60
+    if args.long_steps < 0:
+        parser.error(f"`--long-steps` must be 0 (no long fit) or a number of steps, got {args.long_steps!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"`--device` {args.device!r} needs CUDA, which is not available here")
     if args.device not in ("cpu",) and not args.device.startswith("cuda"):
