@@ -58,22 +58,14 @@ class ModuleInfo:
 class CapturedOutput:
     """One call's output, measured lazily: each statistic is computed at most once per call."""
 
-    __slots__ = ("_alive", "_margin", "_row", "_zeros", "info", "producer", "tensor")
+    __slots__ = ("_alive", "_margin", "_row", "info", "producer", "tensor")
 
-    def __init__(
-        self,
-        info: ModuleInfo,
-        tensor: Tensor,
-        margin: float,
-        producer: nn.Module | None = None,
-        zeros: dict[torch.device, Tensor] | None = None,
-    ) -> None:
+    def __init__(self, info: ModuleInfo, tensor: Tensor, margin: float, producer: nn.Module | None = None) -> None:
         self.info = info
         self.tensor = tensor
         self._row: tuple[Tensor, int] | None = None
         self._alive: Tensor | None = None
         self._margin = margin
-        self._zeros = zeros if zeros is not None else {}  # the engine's: a 0-d zero per device, made once
         #: the layer whose output this module received, when the engine saw it run; else the
         #: registration-order guess of :class:`ModuleInfo`
         self.producer = producer if producer is not None else info.producer
@@ -81,11 +73,7 @@ class CapturedOutput:
     def moment_row(self) -> tuple[Tensor, int]:
         """:func:`~lightning_watch.stats.moment_row` of the output: its statistics in one vector, and its size."""
         if self._row is None:
-            device = self.tensor.device
-            zero = self._zeros.get(device)
-            if zero is None:  # once per device: every row stacks it for the fields known to be 0
-                zero = self._zeros[device] = torch.zeros((), device=device)
-            self._row = moment_row(self.tensor, self.info.bounds, self._margin, zero)
+            self._row = moment_row(self.tensor, self.info.bounds, self._margin)
         return self._row
 
     def alive(self) -> Tensor:
@@ -155,7 +143,6 @@ class CaptureEngine:
         self._last_layer: nn.Module | None = None
         #: total hook invocations, for tests that prove one pass per module call
         self.hook_calls = 0
-        self._zeros: dict[torch.device, Tensor] = {}  # a 0-d zero per device, for CapturedOutput.moment_row
         self.compiled = is_compiled(model)
 
     @classmethod
@@ -278,7 +265,7 @@ class CaptureEngine:
                 return
             if torch.is_complex(tensor):  # a spectral layer's output: its scale is the magnitude |z|
                 tensor = tensor.detach().abs()
-            captured = CapturedOutput(info, tensor, self.saturation_margin, None if is_layer else producer, self._zeros)
+            captured = CapturedOutput(info, tensor, self.saturation_margin, None if is_layer else producer)
             try:
                 for subscriber, index in armed:
                     subscriber.consume(index, captured)

@@ -20,7 +20,7 @@ from lightning_watch.alerts.checks import batch_labels, first_tensor
 from lightning_watch.cadence import Cadence
 from lightning_watch.outputs import primary_tensor
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, StateRegistry, l2_norms
+from lightning_watch.stats import StatBlock, StateRegistry, constant, l2_norms
 from lightning_watch.stats.kernels import cpu_values, local_tensor, reduction_dtype, sum_of_squares
 
 
@@ -322,7 +322,6 @@ class GradientHygiene(_Probe):
         self._observed: dict[int, bool] = {}
         self._checked_now = False
         self._steps_seen: int | None = None  # automatic optimization: the step count of the last checked backward
-        self._sizes: tuple[tuple[int, ...], Tensor] | None = None  # element counts of the parameters with gradients
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._clean[id(optimizer)] = None
@@ -402,18 +401,11 @@ class GradientHygiene(_Probe):
         with_grad = [p for p in with_grad if local_tensor(p.grad) is p.grad]
         if with_grad:
             norms = torch.stack(l2_norms([p.grad for p in with_grad]))
-            zero_numel = ((norms == 0).to(zero_numel.dtype) * self._sizes_of(with_grad, zero_numel)).sum()
+            # the same parameters' element counts on every logging step: made on the device once
+            sizes = constant(tuple(float(p.numel()) for p in with_grad), zero_numel.dtype, norms.device)
+            zero_numel = ((norms == 0).to(zero_numel.dtype) * sizes).sum()
         row = torch.stack([zero_numel + none_numel, zero_numel.new_tensor(float(sum(p.numel() for p in params)))])
         torch.maximum(self.state["without"], row, out=self.state["without"])
-
-    def _sizes_of(self, params: list[nn.Parameter], like: Tensor) -> Tensor:
-        # the element counts of the same parameters on every logging step: copied to the device once, since
-        # a copy from a Python list waits for the device's queue (on a GPU, a stall in each logging step)
-        key = tuple(id(p) for p in params)
-        if self._sizes is None or self._sizes[0] != key or self._sizes[1].device != like.device:
-            sizes = torch.tensor([float(p.numel()) for p in params], dtype=like.dtype, device=like.device)
-            self._sizes = (key, sizes)
-        return self._sizes[1]
 
     def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:
         stale = self._values(values, "stale")

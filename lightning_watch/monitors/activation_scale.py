@@ -15,7 +15,7 @@ from lightning_watch.hub import StatHub
 from lightning_watch.monitors.base import WatchMonitor
 from lightning_watch.selection import ACTIVATION_TYPES, owns_parameters
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import MOMENT_FIELDS, ROW_FIELDS, StatBlock, StateRegistry
+from lightning_watch.stats import MOMENT_FIELDS, ROW_FIELDS, StatBlock, StateRegistry, constant
 from lightning_watch.warn import warn_once
 
 _SUM, _SUM_SQ, _NONFINITE, _SATURATED = range(len(MOMENT_FIELDS))
@@ -34,23 +34,6 @@ def _declare_window(state: StateRegistry, size: int) -> None:
     state.declare("counts", (size,), reduce="sum", host=True)
 
 
-def _device_index(order: tuple[int, ...], device: torch.device) -> Tensor:
-    """``order`` as an index tensor on ``device``, made without waiting for the device.
-
-    It is made once per order of the modules (the same on every batch). A plain copy from the host
-    would wait for the device's queue; from pinned memory, asynchronously, it does not.
-    """
-    host = torch.tensor(order, dtype=torch.long)
-    if device.type == "cpu":
-        return host
-    if device.type == "cuda":
-        try:
-            host = host.pin_memory()
-        except RuntimeError:  # no pinned memory to be had: a plain copy, made once all the same
-            return host.to(device)
-    return host.to(device, non_blocking=True)
-
-
 class _BatchRows:
     """The outputs measured in one batch, added to a window's accumulators when the batch ends.
 
@@ -63,7 +46,6 @@ class _BatchRows:
 
     def __init__(self) -> None:
         self._rows: list[tuple[int, Tensor]] = []
-        self._index: tuple[tuple[int, ...], Tensor] | None = None  # the last order's index tensor, reused
 
     def add(self, state: StateRegistry, index: int, captured: CapturedOutput) -> None:
         row, count = captured.moment_row()
@@ -97,10 +79,8 @@ class _BatchRows:
 
     def _add_round(self, state: StateRegistry, rows: list[tuple[int, Tensor]]) -> None:
         sums, high, low = state["sums"], state["high"], state["low"]
-        order = tuple(index for index, _ in rows)
-        if self._index is None or self._index[0] != order or self._index[1].device != sums.device:
-            self._index = (order, _device_index(order, sums.device))
-        index = self._index[1]
+        # the modules' order is the same on every batch: its index is made once (stats.constant)
+        index = constant(tuple(index for index, _ in rows), torch.long, sums.device)
         block = torch.stack([row for _, row in rows])  # (outputs, ROW_FIELDS), promoted to the widest row
         if block.dtype != sums.dtype:
             block = block.to(sums.dtype)

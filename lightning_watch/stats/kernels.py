@@ -7,6 +7,7 @@ for); the one host transfer happens when a monitor reads its accumulators.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -36,6 +37,32 @@ def _dtensor_type() -> type | None:
                 dtensor = None
         _DTENSOR.append(dtensor)
     return _DTENSOR[0]
+
+
+@functools.lru_cache(maxsize=64)
+def constant(values: float | tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` as a tensor on ``device`` (0-d for a number), made once per ``(values, dtype, device)``.
+
+    A tensor made from Python numbers is a copy to the device, and a plain copy waits for the
+    device's queue: made once (from pinned memory, asynchronously, on CUDA) it costs nothing on the
+    steps that reuse it. Callers share the tensor: they must never write into it.
+
+    Example:
+        >>> cpu = torch.device("cpu")
+        >>> constant((3, 1), torch.long, cpu).tolist(), constant(0.0, torch.float32, cpu).dim()
+        ([3, 1], 0)
+        >>> constant((3, 1), torch.long, cpu) is constant((3, 1), torch.long, cpu)  # made once
+        True
+    """
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        try:
+            host = host.pin_memory()
+        except RuntimeError:  # no pinned memory to be had: a plain copy, made once all the same
+            return host.to(device)
+    return host.to(device, non_blocking=True)
 
 
 def local_tensor(x: Tensor) -> Tensor:
@@ -172,12 +199,7 @@ def cpu_values(*tensors: Tensor) -> list[float]:
     """
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("cpu_values reads CPU tensors only: on an accelerator a read is a sync")
-    if len(tensors) <= 2 and all(t.dim() == 0 for t in tensors):  # a sum or two: no view, no cat
-        values = []
-        for t in tensors:  # read here, in this frame: the tests' read tracer attributes each read to cpu_values
-            values.append(t.item())
-        return values
-    if all(t.dim() == 0 for t in tensors):  # many sums (a norm per parameter): one stack, one read
+    if all(t.dim() == 0 for t in tensors):  # sums and norms: one stack, no view per tensor
         return torch.stack(tensors).tolist()  # stack promotes mixed dtypes
     flat = [t.detach().reshape(-1) for t in tensors]
     return flat[0].tolist() if len(flat) == 1 else torch.cat(flat).tolist()  # cat promotes mixed dtypes
@@ -209,9 +231,7 @@ def nonfinite_counts(tensors: Sequence[Tensor], norms: Sequence[Tensor]) -> Tens
     return counts
 
 
-def moment_row(
-    x: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01, zero: Tensor | None = None
-) -> tuple[Tensor, int]:
+def moment_row(x: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01) -> tuple[Tensor, int]:
     """Raw statistics of ``x`` as one vector (see :data:`ROW_FIELDS`), and its number of elements.
 
     ``sum``, ``sum_sq``, ``nonfinite`` and ``saturated`` add up across calls; ``max`` and ``min``
@@ -226,8 +246,8 @@ def moment_row(
     The hook runs this on every watched output of a sampled batch, so it is built from as few
     kernels as possible: on a GPU each costs a launch, on a CPU a pass over memory. One ``stack``
     holds every field, so that a caller adds the rows of all the outputs of a batch to its
-    accumulators at once (a few operations per batch, not per output). ``zero``: a 0-d zero on
-    ``x``'s device to stand for the fields known to be 0 (one operation fewer per call).
+    accumulators at once (a few operations per batch, not per output); the fields known to be 0
+    are a shared :func:`constant`.
     Raw sums of squares make a standard deviation derived from them lose relative precision
     when ``|mean| / std`` is very large (about 1e-7 * (mean/std)**2 on the variance); centred
     per-call moments would avoid that but cost 20-40x more on a CPU, and monitoring does not need
@@ -248,8 +268,7 @@ def moment_row(
     # one aminmax: one pass and one launch (measured faster than amax + amin with torch 2.13 on a CPU)
     low, high = torch.aminmax(xf)
     squares = sum_of_squares(xf, dtype)
-    if zero is None or zero.device != xf.device:
-        zero = total.new_zeros(())
+    zero = constant(0.0, torch.float32, xf.device)  # `stack` promotes it to the row's dtype
     # on the CPU, reading two sums costs no sync: a finite pair means no NaN/Inf (a counting pass saved)
     finite = xf.device.type == "cpu" and all(math.isfinite(v) for v in cpu_values(total, squares))
     nonfinite = zero if finite else nonfinite_count(xf).to(dtype)

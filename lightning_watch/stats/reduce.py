@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_watch.stats.kernels import accumulator_dtype
+from lightning_watch.stats.kernels import accumulator_dtype, constant
 
 
 @dataclass
@@ -129,7 +129,7 @@ def _signs(signs: tuple[int, ...], sizes: tuple[int, ...], device: torch.device)
     Python list is a copy to the device that waits for its queue, a stall in each read on a GPU.
     """
     return torch.repeat_interleave(
-        torch.tensor(signs, device=device),
-        torch.tensor(sizes, device=device),
+        constant(signs, torch.long, device),
+        constant(sizes, torch.long, device),
         output_size=sum(sizes),  # known here: the device need not be asked (no sync)
     )
