@@ -150,6 +150,7 @@ class EarlyAlerts(CachedStateKey):
         self._warnings = FrameworkWarnings()
         self._backward_losses: list = []  # this batch's losses as Lightning backpropagates them
         self._automatic = True  # the module's optimization mode (read at fit start)
+        self._compiled = False  # whether the module runs through torch.compile (read at fit start)
         self._sampled = self._logging = False
 
     # ------------------------------------------------------------------ public face
@@ -215,6 +216,8 @@ class EarlyAlerts(CachedStateKey):
         if pending:
             self._load(pending)  # before the loss window allocates: it applies its part then
         device = pl_module.device
+        # known once per fit (Lightning compiles before it): each test walks every module, and logging steps ask
+        self._compiled = is_compiled(pl_module)
         # Lightning hands the loss of an accumulating batch already divided by `accumulate_grad_batches`
         self._automatic = pl_module.automatic_optimization
         accumulating = self._automatic and trainer.accumulate_grad_batches > 1
@@ -282,7 +285,7 @@ class EarlyAlerts(CachedStateKey):
             self.labels.observe(batch)
         if self._logging:  # one batch per window tells the scale of inputs and outputs: the logging one
             self.inputs.observe(batch)
-            if not is_compiled(pl_module):  # new hooks would make torch.compile recompile
+            if not self._compiled:  # new hooks would make torch.compile recompile
                 self.outputs.arm(pl_module)
                 self.gates.arm()
         if step < self._warning_batches and self.config.enabled("framework_warning"):
@@ -294,7 +297,7 @@ class EarlyAlerts(CachedStateKey):
         if self._checked:
             return
         self._checked = True
-        if is_compiled(pl_module):
+        if self._compiled:
             return  # an extra eval-mode forward and new hooks would make torch.compile recompile
         if self.config.enabled("batch_mixing"):
             found = check_batch_mixing(self.engine.context(), _now(trainer), pl_module, batch)
@@ -396,7 +399,7 @@ class EarlyAlerts(CachedStateKey):
 
     def validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A validation run begins (not the sanity check): its first batch's inputs are measured."""
-        if not trainer.sanity_checking and not is_compiled(pl_module):
+        if not trainer.sanity_checking and not self._compiled:
             self.val_inputs.arm(pl_module)
 
     def validation_end(self) -> None:

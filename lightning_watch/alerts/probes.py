@@ -158,17 +158,23 @@ class LabelProbe(_Probe):
         if not counts:
             return
         # two class counts: the output's last dimension (a C-way classifier's) and 1 + the largest label
-        # seen; the detector decides which applies (a VAE's 64 outputs are pixels, not 64 classes)
-        seen = 1 + max((i for i, c in enumerate(counts) if c > 0), default=-1)
+        # seen; the detector decides which applies (a VAE's 64 outputs are pixels, not 64 classes).
+        # One pass over the bins finds the labels seen; the rest works on those (a few, of 1024 bins).
+        present = [(i, c) for i, c in enumerate(counts) if c > 0]
+        seen = 1 + present[-1][0] if present else 0
         outputs = int(snapshot.get("output_classes", default=0.0))
         if seen >= 2:  # the labels' mean square: the scale of a loss that regresses them
-            total_seen = sum(counts[:seen])
-            snapshot.put("label_mean_square", sum(c * i * i for i, c in enumerate(counts[:seen])) / total_seen)
+            snapshot.put("label_mean_square", sum(c * i * i for i, c in present) / sum(c for _, c in present))
         for suffix, classes in (("", outputs or seen), ("_seen", seen)):
-            total = sum(counts[:classes])
-            if classes < 2 or classes >= self.MAX_CLASSES or not total:
+            if classes < 2 or classes >= self.MAX_CLASSES:
                 continue
-            snapshot.put("label_rarest_share" + suffix, min(counts[:classes]) / total * classes)
+            within = [c for i, c in present if i < classes]
+            total = sum(within)
+            if not total:
+                continue
+            # a class below `classes` with no label at all is the rarest, with a share of 0
+            rarest = min(within) if len(within) == classes else 0.0
+            snapshot.put("label_rarest_share" + suffix, rarest / total * classes)
             snapshot.put("label_classes" + suffix, float(classes))
             snapshot.put("label_count" + suffix, total)
 

@@ -133,21 +133,23 @@ class GradientNormMonitor(ParameterMonitor):
         # a DTensor gradient is measured on its local shard; a replicated one counts once in the sum
         weights = [replica_weight(g) for g in grads]
         norms = l2_norms(grads, weights)
-        module_sq = self._table.per_module_squares(params, norms, self._device)
         # counting non-finite values is a pass per tensor: logging steps only, and on the CPU only where a
         # norm is not finite
         nonfinite = nonfinite_counts(grads, norms).to(self._device)
         if any(w != 1.0 for w in weights):
             nonfinite = nonfinite * torch.tensor(weights, dtype=nonfinite.dtype, device=self._device)
+        # squared norms and non-finite counts per parameter (`stack` promotes to the wider dtype): one
+        # scatter-add gives both per module
+        rows = torch.stack([torch.stack(norms).square().to(self._device), nonfinite])
+        module_sq, module_nonfinite = self._table.per_module(params, rows, self._device)
         # several optimizers in one batch (manual optimization) add up
         self._module_sq = _add(self._module_sq, module_sq)
-        module_nonfinite = self._table.per_module_sums(params, nonfinite, self._device)
         self._module_nonfinite = _add(self._module_nonfinite, module_nonfinite)
-        counts = self._table.per_module_sums(params, torch.ones_like(nonfinite), self._device)
-        self._module_count = _add(self._module_count, counts)
+        self._module_count = _add(self._module_count, self._table.grouping(params, self._device).counts)
         if in_global:
-            self._global_sq = _add(self._global_sq, torch.stack(norms).square().sum())
-            self._global_nonfinite = _add(self._global_nonfinite, nonfinite.sum())
+            global_sq, global_nonfinite = rows.sum(dim=1)
+            self._global_sq = _add(self._global_sq, global_sq)
+            self._global_nonfinite = _add(self._global_nonfinite, global_nonfinite)
         if self.per_parameter:
             names = {id(p): name for _, name, p in self._table.entries}
             self._param_norms.update({names[id(p)]: n for p, n in zip(params, norms) if id(p) in names})

@@ -115,20 +115,19 @@ class ParameterDeltaMonitor(ParameterMonitor):
                 # the copy is ours and dies here: subtract in place rather than allocate a second copy
                 torch._foreach_sub_(self._before, after)
                 delta_norms = l2_norms(self._before, weights)  # ‖before - after‖ = ‖ΔW‖
+                squares = torch.stack(delta_norms + before_norms).square().view(2, -1)
             else:  # nothing stepped: the weights are their own "before", and nothing moved
-                before_norms = l2_norms(after, weights)
-                delta_norms = [torch.zeros_like(norm) for norm in before_norms]
-            update_sq = self._table.per_module_squares(params, delta_norms, self._device)
-            param_sq = self._table.per_module_squares(params, before_norms, self._device)
-            count = self._table.per_module_sums(params, torch.ones(len(params), device=self._device), self._device)
-            # whole-model squares over distinct parameters: a tied weight counts once here
-            totals = torch.stack([torch.stack(delta_norms).square().sum(), torch.stack(before_norms).square().sum()])
-            self._result = (update_sq, param_sq, count, totals.to(self._device))
+                before_sq = torch.stack(l2_norms(after, weights)).square()
+                squares = torch.stack([torch.zeros_like(before_sq), before_sq])
+            # one scatter-add for both rows; the whole model's squares (a tied weight counted once) are the rows' sums
+            update_sq, param_sq = self._table.per_module(params, squares, self._device)
+            count = self._table.grouping(params, self._device).counts
+            self._result = (update_sq, param_sq, count, squares.sum(dim=1).to(self._device))
             if trainer is not None and trainer.world_size > 1 and not self._sharded:
                 # replicas must hold equal weights: a float64 sum per parameter, compared across
                 # ranks by the same read (max and min), catches one that drifted away
                 sums = torch.stack([as_real(a).sum(dtype=torch.float64) for a in after]).to(self._device)
-                self._checksum = self._table.per_module_sums(params, sums, self._device)
+                self._checksum = self._table.per_module(params, sums.view(1, -1), self._device)[0]
 
     def _collect(self) -> StatBlock:
         block = StatBlock()

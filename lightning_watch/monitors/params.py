@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_watch.monitors.base import WatchMonitor, strategy_shards_parameters
 from lightning_watch.selection import direct_parameters, owns_parameters
-from lightning_watch.stats import group_norms
+from lightning_watch.stats import accumulator_dtype, constant
 
 
 class ParameterTable:
@@ -49,7 +50,7 @@ class ParameterTable:
             if not groups:
                 self._unique.append(entry)
             groups.append(entry[0])
-        self._index_cache: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        self._index_cache: dict[tuple[int, ...], _Grouping] = {}
         self._identity = [id(p) for _, _, p in self.entries]
 
     def refresh(self) -> None:
@@ -79,39 +80,51 @@ class ParameterTable:
                 out[name] = [self.module_names[g] for g in groups]
         return out
 
-    def group_index(self, params: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(source, group)`` index pairs: ``params[source[k]]`` belongs to module ``group[k]``.
+    def grouping(self, params: Sequence[Tensor], device: torch.device) -> _Grouping:
+        """How ``params`` map onto the watched modules, made once per parameter list (then cached).
 
         A parameter outside the table maps to the extra slot ``num_modules``; one held by several
-        modules gives one pair per holder. Cached per parameter list, so the index tensors are
-        copied to the device once, not per step.
+        modules gives one pair per holder. The index tensors are copied to the device once, not
+        per step, and the per-module parameter counts, which do not change either, come with them.
         """
         key = tuple(id(p) for p in params)
-        pair = self._index_cache.get(key)
-        if pair is None:
+        grouping = self._index_cache.get(key)
+        if grouping is None:
             source: list[int] = []
             group: list[int] = []
             for position, pid in enumerate(key):
                 for g in self._groups_of.get(pid, (self.num_modules,)):
                     source.append(position)
                     group.append(g)
-            pair = self._index_cache[key] = (
-                torch.tensor(source, dtype=torch.long, device=device),
-                torch.tensor(group, dtype=torch.long, device=device),
+            counts = [0.0] * (self.num_modules + 1)
+            for g in group:
+                counts[g] += 1.0
+            grouping = self._index_cache[key] = _Grouping(
+                # no parameter held twice: the rows need no gather before the scatter
+                source=None if source == list(range(len(key))) else constant(tuple(source), torch.long, device),
+                group=constant(tuple(group), torch.long, device),
+                counts=constant(tuple(counts), accumulator_dtype(device), device),
             )
-        return pair
+        return grouping
 
-    def per_module_squares(self, params: Sequence[Tensor], norms: list[Tensor], device: torch.device) -> Tensor:
-        """Squared L2 norm per watched module from per-parameter norms (last slot: unwatched)."""
-        source, group = self.group_index(params, device)
-        return group_norms(norms, group, self.num_modules + 1, source_index=source).square_()
+    def per_module(self, params: Sequence[Tensor], rows: Tensor, device: torch.device) -> Tensor:
+        """Per-parameter values summed per watched module: ``rows`` is ``(k, len(params))``, the result
+        ``(k, num_modules + 1)`` (last column: parameters outside the table).
 
-    def per_module_sums(self, params: Sequence[Tensor], values: Tensor, device: torch.device) -> Tensor:
-        """``values`` (one per parameter) summed per watched module (last slot: unwatched)."""
-        source, group = self.group_index(params, device)
-        values = values.to(device)
-        out = torch.zeros(self.num_modules + 1, dtype=values.dtype, device=device)
-        return out.index_add_(0, group, values.index_select(0, source))
+        Several per-parameter quantities (squared norms, non-finite counts) share one scatter-add.
+        """
+        grouping = self.grouping(params, device)
+        rows = rows.to(device)
+        if grouping.source is not None:  # a tied weight: one column per holder
+            rows = rows.index_select(1, grouping.source)
+        out = torch.zeros(rows.shape[0], self.num_modules + 1, dtype=rows.dtype, device=device)
+        return out.index_add_(1, grouping.group, rows)
+
+
+class _Grouping(NamedTuple):
+    source: Tensor | None  # column of each (parameter, holder) pair; None: one holder each, in order
+    group: Tensor  # the module of each pair
+    counts: Tensor  # parameters per module (last slot: outside the table); shared, never modified
 
 
 class ParameterMonitor(WatchMonitor):

@@ -199,6 +199,8 @@ def cpu_values(*tensors: Tensor) -> list[float]:
     """
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("cpu_values reads CPU tensors only: on an accelerator a read is a sync")
+    if len(tensors) == 1 and tensors[0].dim() == 1:  # a row as it is: no view, no copy
+        return tensors[0].tolist()
     if all(t.dim() == 0 for t in tensors):  # sums and norms: one stack, no view per tensor
         return torch.stack(tensors).tolist()  # stack promotes mixed dtypes
     flat = [t.detach().reshape(-1) for t in tensors]
@@ -258,7 +260,7 @@ def moment_row(x: Tensor, bounds: tuple[float, float] | None = None, margin: flo
         >>> dict(zip(ROW_FIELDS, row.tolist()))["nonfinite"], count
         (1.0, 3)
     """
-    xf = local_tensor(x.detach())
+    xf = local_tensor(untracked(x))
     if torch.is_complex(xf):  # statistics of |z|: a complex output's scale is its magnitude
         xf = xf.abs()
     elif not xf.is_floating_point():
@@ -269,16 +271,37 @@ def moment_row(x: Tensor, bounds: tuple[float, float] | None = None, margin: flo
     low, high = torch.aminmax(xf)
     squares = sum_of_squares(xf, dtype)
     zero = constant(0.0, torch.float32, xf.device)  # `stack` promotes it to the row's dtype
-    # on the CPU, reading two sums costs no sync: a finite pair means no NaN/Inf (a counting pass saved)
-    finite = xf.device.type == "cpu" and all(math.isfinite(v) for v in cpu_values(total, squares))
-    nonfinite = zero if finite else nonfinite_count(xf).to(dtype)
     saturated = zero
     if bounds is not None:
         lo, hi = bounds
         edge = margin * (hi - lo)
         saturated = ((xf <= lo + edge) | (xf >= hi - edge)).sum(dtype=dtype)
-    # `stack` promotes: a bfloat16 output's extremes join the float32 sums exactly
+    if xf.device.type == "cpu":
+        # reading the row costs no sync on the CPU: finite sums mean no NaN/Inf, and the row is done
+        # (a counting pass saved); `stack` promotes a bfloat16 output's extremes to the float32 sums exactly
+        row = torch.stack([total, squares, zero, saturated, high, low])
+        total_value, squares_value = cpu_values(row)[:2]
+        if math.isfinite(total_value) and math.isfinite(squares_value):
+            return row, xf.numel()
+    nonfinite = nonfinite_count(xf).to(dtype)
     return torch.stack([total, squares, nonfinite, saturated, high, low]), xf.numel()
+
+
+def untracked(x: Tensor) -> Tensor:
+    """``x`` for a statistic: detached only where autograd would record the reductions on it.
+
+    The capture engine's hooks run their subscribers under ``no_grad``, so an output needs no
+    ``detach`` there (each one is a dispatcher call, per watched output on every sampled step).
+
+    Example:
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> untracked(w).requires_grad
+        False
+        >>> with torch.no_grad():
+        ...     untracked(w) is w
+        True
+    """
+    return x.detach() if x.requires_grad and torch.is_grad_enabled() else x
 
 
 def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01) -> Moments:
@@ -328,8 +351,8 @@ def alive_units(x: Tensor, unit_dim: int) -> Tensor:
     dim = unit_dim % x.dim()
     others = tuple(d for d in range(x.dim()) if d != dim)
     if not others:
-        return x.detach() > 0
-    return torch.amax(x.detach(), dim=others) > 0
+        return untracked(x) > 0
+    return torch.amax(untracked(x), dim=others) > 0
 
 
 #: from this many elements on, :func:`grad_rows_alive` reads row extremes rather than a `!= 0` mask

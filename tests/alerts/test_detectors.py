@@ -675,3 +675,28 @@ def test_the_unit_spread_probe_stops_once_every_layer_has_distinct_units():
     assert probe.settled
     assert not probe.collect()  # no statistic in later reads, so no stale value is ever reported
     assert read().modules("unit_spread") == {}
+
+
+@pytest.mark.parametrize("outputs", [0, 6, 12])
+def test_the_label_shares_match_a_direct_count_of_the_labels(outputs):
+    from lightning_watch.alerts.probes import LabelProbe
+    from lightning_watch.cadence import Cadence
+    from lightning_watch.stats import read_blocks
+
+    labels = torch.tensor([0, 0, 0, 1, 3, 3, 5, 5, 5, 5, 7])  # classes 2, 4 and 6 absent; 7 the largest seen
+    probe = LabelProbe()
+    probe.start(Cadence(log=1, sample=1), torch.device("cpu"))
+    probe.observe((torch.zeros(len(labels), 2), labels))
+    snapshot = Snapshot(step=0, epoch=0)
+    if outputs:
+        snapshot.put("output_classes", float(outputs))
+    probe.finalize(read_blocks([probe.collect()]), snapshot)
+
+    seen = 8
+    assert snapshot.get("label_mean_square") == pytest.approx(float((labels.double() ** 2).mean()))
+    for suffix, classes in (("", outputs or seen), ("_seen", seen)):
+        counts = torch.bincount(labels, minlength=classes)[:classes].double()
+        assert snapshot.get("label_classes" + suffix) == classes
+        assert snapshot.get("label_count" + suffix) == counts.sum().item()
+        rarest_share = (counts.min() / counts.sum() * classes).item()
+        assert snapshot.get("label_rarest_share" + suffix) == pytest.approx(rarest_share)
