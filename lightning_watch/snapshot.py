@@ -92,6 +92,7 @@ class ModuleOrder:
         for name in names:
             self._index.setdefault(name, len(self._index))
         self.width = max(2, len(str(max(len(self._index) - 1, 0))))
+        self._tags: dict[tuple[str, str | None], str] = {}  # a tag never changes during a run: made once
 
     def index(self, name: str) -> int:
         found = self._index.get(name)
@@ -106,7 +107,11 @@ class ModuleOrder:
         return self._index[name]
 
     def tag(self, metric: str, module: str | None = None) -> str:
-        return scalar_tag(metric, module, None if module is None else self.index(module), self.width)
+        tag = self._tags.get((metric, module))
+        if tag is None:
+            index = None if module is None else self.index(module)
+            tag = self._tags[metric, module] = scalar_tag(metric, module, index, self.width)
+        return tag
 
 
 @dataclass

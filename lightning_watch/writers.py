@@ -116,7 +116,7 @@ class TensorBoardWriter(Writer):
     def _extend_layout(self, scalars: Iterable[str]) -> None:
         # The layout follows the tags actually written, so no chart ever matches nothing
         # ("Matches (0)"); TensorBoard shows the last layout written, so it is rewritten whole.
-        new = [tag for tag in scalars if tag not in self._tags]
+        new = set(scalars).difference(self._tags)  # one set operation: the same tags at every step after the first
         if not new:
             return  # every logging step after the first: nothing to parse
         self._tags.update(new)
