@@ -42,11 +42,12 @@ in a lock-step pair every step follows the other thread's step, in caches the ot
 and the clock read up to twice as much on the plain steps, with more scatter. It is a floor
 (indirect costs are not in it); the paired figures bound it from above, with their noise shown.
 
-*Long fit* (``--long-steps N``): one more fit of ``N`` steps per round and configuration, after a
-bare one: its mean direct cost per step and whole-run ratio. ``Watch()``'s time budget
+*Fit length* (``--long-steps N [N ...]``): one more fit of each length per round and configuration,
+after a bare one: its mean direct cost per step and whole-run ratio. ``Watch()``'s time budget
 (``lightning_watch/pace.py``) keeps the default cadence for the first four logging windows and
 stretches it after them when measuring takes more than 2 % of the time, so a short fit shows the
-full cadence's cost and a long one what the budget holds it to.
+full cadence's cost and a long one what the budget holds it to; several lengths show the curve
+between the two.
 
 With ``--device cuda`` the host's clock is read after ``torch.cuda.synchronize()`` only around the timed
 regions: before and after each ``fit()``; never inside the callbacks, which would add the very syncs
@@ -56,7 +57,7 @@ costs; the whole-run ratio covers the device's work too.
 Usage:
     python benchmarks/step_cost.py                     # both models, 5 rounds of 100 steps
     python benchmarks/step_cost.py --quick             # 2 rounds of 60 steps (a smoke run)
-    python benchmarks/step_cost.py --models mlp --long-steps 1000   # and a 1000-step fit per round
+    python benchmarks/step_cost.py --models mlp --long-steps 200 500 1000   # and fits of these lengths
     python benchmarks/step_cost.py --device cuda --out step_cost.json
 """
 
@@ -65,6 +66,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -489,6 +491,15 @@ def plain_median(bare: Run, run: Run, warmup: int) -> float:
 
 
 @dataclass
+class LongFit:
+    """One configuration's fits of one other length (``--long-steps``), over the rounds."""
+
+    direct_mean_us: list[float] = field(default_factory=list)
+    whole_run_ratio: list[float] = field(default_factory=list)
+    cadence: str = ""
+
+
+@dataclass
 class Result:
     model: str
     config: str
@@ -504,10 +515,8 @@ class Result:
     direct_mean_us: list[float] = field(default_factory=list)
     direct_first_us: list[float] = field(default_factory=list)
     plain_hook_calls: list[int] = field(default_factory=list)
-    # a long fit of its own (``--long-steps``), after a bare one: the time budget has acted by its end
-    long_direct_mean_us: list[float] = field(default_factory=list)
-    long_whole_run_ratio: list[float] = field(default_factory=list)
-    long_cadence: str = ""
+    # fits of other lengths (``--long-steps``), each after a bare one: the time budget acts from the fifth window
+    long: dict[int, LongFit] = field(default_factory=dict)
     # tensor operations (one counted fit and its bare twin: a count does not vary from round to round)
     ops: dict[str, float] = field(default_factory=dict)
 
@@ -576,19 +585,20 @@ def markdown(results: list[Result], meta: dict) -> str:
             _ops_cell(r.ops),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    if any(r.long_direct_mean_us for r in results):
+    if any(r.long for r in results):
         lines += [
             "",
-            f"A long fit of its own ({meta['long_steps']} steps, after a bare one): the default cadence's time "
-            "budget (lightning_watch/pace.py) has acted; median (min..max) over rounds.",
+            "Fits of other lengths, each of its own after a bare one: the default cadence's time budget "
+            "(lightning_watch/pace.py) acts from the fifth logging window on; median (min..max) over rounds.",
             "",
-            "| model | configuration | direct: mean over all steps | whole-run ratio | cadence at the end |",
-            "|---|---|---:|---:|---|",
+            "| model | configuration | fit length | direct: mean over all steps | whole-run ratio "
+            "| cadence at the end |",
+            "|---|---|---:|---:|---:|---|",
         ]
         for r in results:
-            if r.long_direct_mean_us:
-                cells = [r.model, f"`{r.config}`", f"{spread(r.long_direct_mean_us, digits=1)} µs",
-                         ratio_spread(r.long_whole_run_ratio), r.long_cadence]  # fmt: skip
+            for steps, fit in sorted(r.long.items()):
+                cells = [r.model, f"`{r.config}`", str(steps), f"{spread(fit.direct_mean_us, digits=1)} µs",
+                         ratio_spread(fit.whole_run_ratio), fit.cadence]  # fmt: skip
                 lines.append("| " + " | ".join(cells) + " |")
     cadences = {f"`{r.config}`: {r.cadence}" for r in results}
     lines += ["", "Step classes follow each watched run's cadence: " + "; ".join(sorted(cadences)) + "."]
@@ -608,17 +618,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--long-steps",
         type=int,
-        default=0,
-        help="also a fit of this many steps per round (0: none): the mean direct cost over a long fit, "
-        "after the default cadence's time budget has acted (lightning_watch/pace.py)",
+        nargs="+",
+        default=[],
+        help="also fits of these lengths per round: the mean direct cost over a fit of each length, where "
+        "the default cadence's time budget acts from the fifth window (lightning_watch/pace.py)",
     )
     parser.add_argument("--quick", action="store_true", help="2 rounds of 60 steps: a smoke run")
     parser.add_argument("--out", help="write the results as JSON to this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 2, 60
-    if args.long_steps < 0:
-        parser.error(f"`--long-steps` must be 0 (no long fit) or a number of steps, got {args.long_steps!r}")
+    bad = [n for n in args.long_steps if n < 1]
+    if bad:
+        parser.error(f"`--long-steps` takes fit lengths of at least one step, got {bad[0]!r}")
+    args.long_steps = sorted(set(args.long_steps))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"`--device` {args.device!r} needs CUDA, which is not available here")
     if args.device not in ("cpu",) and not args.device.startswith("cuda"):
@@ -636,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         mock.patch("lightning_watch.watch.perf_counter", own_clock),
     ):
         for model in args.models:
-            for steps in {args.steps, args.long_steps} - {0}:
+            for steps in {args.steps, *args.long_steps}:
                 BATCHES[(model, steps, args.device)] = Batches(MODELS[model][1](steps, args.device))
             fit_once(model, "Watch()", args.steps, args.device, root)  # warm-up: discarded
             by_config = {c: Result(model, c) for c in args.configs}
@@ -666,11 +679,12 @@ def main(argv: list[str] | None = None) -> int:
                     r.direct_first_us.append(run.direct[0] * 1e6)
                     r.plain_hook_calls.append(sum(n for i, (kind, n) in enumerate(zip(classes(run), run.hook_calls))
                                                   if i >= 1 and kind == "plain"))  # fmt: skip
-                    if args.long_steps:  # a long fit: the default cadence's time budget has acted by its end
-                        bare, run = (fit_once(model, c, args.long_steps, args.device, root) for c in ("bare", config))
-                        r.long_direct_mean_us.append(statistics.fmean(run.direct) * 1e6)
-                        r.long_whole_run_ratio.append(run.wall / bare.wall)
-                        r.long_cadence = describe(run)
+                    for steps in args.long_steps:  # the budget acts from the fifth window of a longer fit
+                        bare, run = (fit_once(model, c, steps, args.device, root) for c in ("bare", config))
+                        fit = r.long.setdefault(steps, LongFit())
+                        fit.direct_mean_us.append(statistics.fmean(run.direct) * 1e6)
+                        fit.whole_run_ratio.append(run.wall / bare.wall)
+                        fit.cadence = describe(run)
                 print(f"{model}: round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
             results += by_config.values()
     threads = f"{args.threads} thread{'s' * (args.threads != 1)}"
@@ -688,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(results, meta))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "results": [r.__dict__ for r in results]}, f, indent=2)
+            json.dump({"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, f, indent=2)
     return 0
 
 

@@ -267,10 +267,8 @@ class CaptureEngine:
                 tensor = tensor.detach().abs()
             captured = CapturedOutput(info, tensor, self.saturation_margin, None if is_layer else producer)
             try:
-                # statistics only: nothing they compute joins the graph, and no output needs a `detach`
-                with torch.no_grad():
-                    for subscriber, index in armed:
-                        subscriber.consume(index, captured)
+                for subscriber, index in armed:
+                    subscriber.consume(index, captured)
             except Exception as err:  # never break the user's forward pass
                 self._disabled.add(module)
                 warn_once(

@@ -260,7 +260,7 @@ def moment_row(x: Tensor, bounds: tuple[float, float] | None = None, margin: flo
         >>> dict(zip(ROW_FIELDS, row.tolist()))["nonfinite"], count
         (1.0, 3)
     """
-    xf = local_tensor(untracked(x))
+    xf = local_tensor(x.detach())
     if torch.is_complex(xf):  # statistics of |z|: a complex output's scale is its magnitude
         xf = xf.abs()
     elif not xf.is_floating_point():
@@ -285,23 +285,6 @@ def moment_row(x: Tensor, bounds: tuple[float, float] | None = None, margin: flo
             return row, xf.numel()
     nonfinite = nonfinite_count(xf).to(dtype)
     return torch.stack([total, squares, nonfinite, saturated, high, low]), xf.numel()
-
-
-def untracked(x: Tensor) -> Tensor:
-    """``x`` for a statistic: detached only where autograd would record the reductions on it.
-
-    The capture engine's hooks run their subscribers under ``no_grad``, so an output needs no
-    ``detach`` there (each one is a dispatcher call, per watched output on every sampled step).
-
-    Example:
-        >>> w = torch.ones(2, requires_grad=True)
-        >>> untracked(w).requires_grad
-        False
-        >>> with torch.no_grad():
-        ...     untracked(w) is w
-        True
-    """
-    return x.detach() if x.requires_grad and torch.is_grad_enabled() else x
 
 
 def moments(x: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01) -> Moments:
@@ -351,8 +334,8 @@ def alive_units(x: Tensor, unit_dim: int) -> Tensor:
     dim = unit_dim % x.dim()
     others = tuple(d for d in range(x.dim()) if d != dim)
     if not others:
-        return untracked(x) > 0
-    return torch.amax(untracked(x), dim=others) > 0
+        return x.detach() > 0
+    return torch.amax(x.detach(), dim=others) > 0
 
 
 #: from this many elements on, :func:`grad_rows_alive` reads row extremes rather than a `!= 0` mask
