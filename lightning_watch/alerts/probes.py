@@ -410,7 +410,8 @@ class GradientHygiene(_Probe):
             # the same parameters' element counts on every logging step: made on the device once
             sizes = constant(tuple(float(p.numel()) for p in with_grad), zero_numel.dtype, norms.device)
             zero_numel = ((norms == 0).to(zero_numel.dtype) * sizes).sum()
-        row = torch.stack([zero_numel + none_numel, zero_numel.new_tensor(float(sum(p.numel() for p in params)))])
+        trainable = constant(float(sum(p.numel() for p in params)), zero_numel.dtype, zero_numel.device)
+        row = torch.stack([zero_numel + none_numel, trainable])
         torch.maximum(self.state["without"], row, out=self.state["without"])
 
     def finalize(self, values: Mapping[str, Any], snapshot: Snapshot) -> None:

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from lightning_watch.cadence import logging_step
 from lightning_watch.monitors.params import ParameterMonitor
 from lightning_watch.snapshot import Snapshot
-from lightning_watch.stats import StatBlock, l2_norms, local_tensor, nonfinite_counts, replica_weight
+from lightning_watch.stats import StatBlock, constant, l2_norms, local_tensor, nonfinite_counts, replica_weight
 
 
 class GradientNormMonitor(ParameterMonitor):
@@ -137,7 +137,8 @@ class GradientNormMonitor(ParameterMonitor):
         # norm is not finite
         nonfinite = nonfinite_counts(grads, norms).to(self._device)
         if any(w != 1.0 for w in weights):
-            nonfinite = nonfinite * torch.tensor(weights, dtype=nonfinite.dtype, device=self._device)
+            # the same shards' weights at every logging step: made on the device once
+            nonfinite = nonfinite * constant(tuple(weights), nonfinite.dtype, self._device)
         # squared norms and non-finite counts per parameter (`stack` promotes to the wider dtype): one
         # scatter-add gives both per module
         rows = torch.stack([torch.stack(norms).square().to(self._device), nonfinite])

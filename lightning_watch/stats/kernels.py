@@ -419,32 +419,3 @@ def spread_units(alive: Tensor, weight: Tensor | None) -> Tensor:
     out = torch.zeros(total, dtype=torch.bool, device=alive.device)
     out[int(offsets[0]) : int(offsets[0]) + alive.shape[0]] = alive
     return out
-
-
-def group_norms(
-    norms: list[Tensor], group_index: Tensor, num_groups: int, source_index: Tensor | None = None
-) -> Tensor:
-    """Combine per-tensor L2 norms into per-group L2 norms with one scatter-add.
-
-    Args:
-        norms: one 0-d norm per tensor (e.g. from ``torch._foreach_norm``).
-        group_index: long tensor giving each tensor's group (same length as ``norms``, or as
-            ``source_index`` when given).
-        num_groups: number of groups.
-        source_index: optional long tensor: entry ``k`` adds ``norms[source_index[k]]`` to group
-            ``group_index[k]``, so a tensor held by several groups counts fully in each.
-
-    Example:
-        >>> n = [torch.tensor(3.0), torch.tensor(4.0), torch.tensor(1.0)]
-        >>> group_norms(n, torch.tensor([0, 0, 1]), 2).tolist()
-        [5.0, 1.0]
-        >>> group_norms(n, torch.tensor([0, 1, 1]), 2, source_index=torch.tensor([0, 0, 1])).tolist()
-        [3.0, 5.0]
-    """
-    squares = torch.stack([local_tensor(n) for n in norms]).square()
-    if squares.dtype != torch.float64:
-        squares = squares.to(torch.float32)
-    if source_index is not None:  # one tensor in several groups (a tied weight): one row per pair
-        squares = squares.index_select(0, source_index.to(squares.device))
-    out = torch.zeros(num_groups, dtype=squares.dtype, device=squares.device)
-    return out.index_add_(0, group_index.to(squares.device), squares).sqrt_()

@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_watch import Watch, WatchWarning
-from lightning_watch.stats import grad_rows_alive, group_norms, l2_norms, moments, nonfinite_count
+from lightning_watch.monitors.params import ParameterTable
+from lightning_watch.stats import grad_rows_alive, l2_norms, moments, nonfinite_count
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -44,9 +45,11 @@ def test_complex_kernels_measure_the_magnitude():
     assert grad_rows_alive(torch.tensor([[0j, 1j]])).tolist() == [True]
     m = moments(torch.tensor([3 + 4j, 0j]))
     assert m.summed[0].item() == 5.0 and m.summed[1].item() == 25.0 and m.high.item() == 5.0
-    assert (
-        group_norms([torch.tensor(3.0, dtype=torch.float64), torch.tensor(4.0)], torch.tensor([0, 0]), 1).item() == 5.0
-    )
+    # a float64 and a float32 norm of one module add up in float64
+    layer = nn.Linear(1, 1)
+    squares = torch.stack([torch.tensor(3.0, dtype=torch.float64), torch.tensor(4.0)]).square().view(1, -1)
+    per_module = ParameterTable([("layer", layer)]).per_module([layer.weight, layer.bias], squares, torch.device("cpu"))
+    assert per_module.dtype == torch.float64 and per_module[0, 0].sqrt().item() == 5.0
 
 
 def test_integer_moments_do_not_crash():

@@ -173,3 +173,31 @@ def test_parameter_table_lists_shared_parameters():
     table = ParameterTable([(n, m) for n, m in model.named_modules() if n])
     assert table.shared() == {"embed.weight": ["embed", "lm_head"]}
     assert len(table.trainable()) == len(list(model.parameters()))
+
+
+def test_per_module_sums_of_parameter_norms_match_a_direct_computation():
+    torch.manual_seed(3)
+    first, empty, last_layer, outside = nn.Linear(4, 3), nn.ReLU(), nn.Linear(2, 5), nn.Linear(2, 2)
+    table = ParameterTable([("first", first), ("empty", empty), ("last", last_layer)])
+    params = [first.weight, first.bias, last_layer.weight, outside.weight, last_layer.bias]
+    norms = torch._foreach_norm([p.detach() for p in params], 2)
+    rows = torch.stack(list(norms)).square().view(1, -1)
+    got = table.per_module(params, rows, torch.device("cpu"))[0].sqrt()
+
+    def norm(*tensors):
+        return torch.cat([t.detach().reshape(-1) for t in tensors]).norm().item()
+
+    expected = [norm(first.weight, first.bias), 0.0, norm(last_layer.weight, last_layer.bias), norm(outside.weight)]
+    assert got.tolist() == pytest.approx(expected, rel=1e-6)  # the last column: parameters outside the table
+    counts = table.grouping(params, torch.device("cpu")).counts
+    assert counts.tolist() == [2.0, 0.0, 2.0, 1.0]
+
+
+def test_per_module_counts_a_tied_parameter_under_each_holder():
+    encoder, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+    head.weight = encoder.weight
+    table = ParameterTable([("encoder", encoder), ("head", head)])
+    rows = torch.tensor([[4.0], [1.0]])  # two per-parameter quantities of the one shared weight
+    got = table.per_module([encoder.weight], rows, torch.device("cpu"))
+    assert got.tolist() == [[4.0, 4.0, 0.0], [1.0, 1.0, 0.0]]
+    assert table.grouping([encoder.weight], torch.device("cpu")).counts.tolist() == [1.0, 1.0, 0.0]

@@ -13,7 +13,6 @@ from lightning_watch.stats import (
     accumulator_dtype,
     alive_units,
     grad_rows_alive,
-    group_norms,
     moments,
     nonfinite_count,
     read_blocks,
@@ -94,16 +93,6 @@ def test_grad_rows_alive():
     gt = torch.zeros(2, 5, 3)
     gt[:, 4] = 1.0
     assert grad_rows_alive(gt, unit_dim=1).tolist() == [False, False, False, False, True]
-
-
-def test_group_norms_against_a_direct_computation():
-    torch.manual_seed(3)
-    tensors = [torch.randn(3, 4), torch.randn(4), torch.randn(2, 2), torch.randn(5)]
-    groups = torch.tensor([0, 0, 2, 0])
-    norms = torch._foreach_norm(tensors, 2)
-    got = group_norms(list(norms), groups, 3)
-    expected = [torch.cat([tensors[i].reshape(-1) for i in (0, 1, 3)]).norm().item(), 0.0, tensors[2].norm().item()]
-    assert got.tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_read_blocks_single_process():
